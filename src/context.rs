@@ -1,0 +1,97 @@
+//! What a handler learns about the caller: [`VerifiedKey`], put in the request's extensions by the
+//! gate, and an axum extractor for it (feature `axum`).
+
+use crate::scope::Scope;
+use crate::verify::KeyFacts;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// The verified key of a request: its id, scopes, metadata, customer and expiry. Never the key.
+///
+/// With the `axum` feature it is an extractor: `VerifiedKey` refuses with `401` when the request
+/// has none, `Option<VerifiedKey>` gives `None` (for routes in optional mode).
+///
+/// ```
+/// use axum::{routing::get, Router};
+/// use keygate::VerifiedKey;
+///
+/// async fn whoami(key: VerifiedKey) -> String {
+///     format!("key {} of customer {:?}", key.id(), key.customer_id())
+/// }
+/// async fn maybe(key: Option<VerifiedKey>) -> &'static str {
+///     if key.is_some() { "hello, member" } else { "hello, guest" }
+/// }
+/// let app: Router = Router::new().route("/whoami", get(whoami)).route("/hello", get(maybe));
+/// # let _ = app;
+/// ```
+#[derive(Debug, Clone)]
+pub struct VerifiedKey {
+    facts: Arc<KeyFacts>,
+}
+
+impl VerifiedKey {
+    pub(crate) fn new(facts: Arc<KeyFacts>) -> Self {
+        Self { facts }
+    }
+
+    /// The key's id.
+    pub fn id(&self) -> &str {
+        &self.facts.id
+    }
+
+    /// The key's name, if it has one.
+    pub fn name(&self) -> Option<&str> {
+        self.facts.name.as_deref()
+    }
+
+    /// The scopes the key holds.
+    pub fn scopes(&self) -> &[Scope] {
+        &self.facts.scopes
+    }
+
+    /// The key's metadata.
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.facts.metadata
+    }
+
+    /// The customer the key belongs to.
+    pub fn customer_id(&self) -> Option<&str> {
+        self.facts.customer_id.as_deref()
+    }
+
+    /// When the key expires, if ever.
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        self.facts.expires_at
+    }
+
+    /// All the facts, shared with the cache.
+    pub fn facts(&self) -> &Arc<KeyFacts> {
+        &self.facts
+    }
+}
+
+#[cfg(feature = "axum")]
+mod extractor {
+    use super::VerifiedKey;
+    use crate::reject::Rejection;
+    use axum::extract::{FromRequestParts, OptionalFromRequestParts};
+    use http::request::Parts;
+
+    impl<S: Send + Sync> FromRequestParts<S> for VerifiedKey {
+        type Rejection = Rejection;
+
+        async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Rejection> {
+            // No context means no gate ran or optional mode let a keyless request in: fail closed.
+            parts.extensions.get::<VerifiedKey>().cloned().ok_or(Rejection::MissingKey)
+        }
+    }
+
+    impl<S: Send + Sync> OptionalFromRequestParts<S> for VerifiedKey {
+        type Rejection = std::convert::Infallible;
+
+        async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Option<Self>, Self::Rejection> {
+            Ok(parts.extensions.get::<VerifiedKey>().cloned())
+        }
+    }
+}

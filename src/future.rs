@@ -1,0 +1,100 @@
+//! [`ResponseFuture`]: the inner service's future, a ready rejection, or a verification in flight.
+
+use crate::body::ResponseBody;
+use crate::context::VerifiedKey;
+use crate::gate::Gate;
+use crate::reject::Rejection;
+use crate::verify::BoxFuture;
+use bytes::Bytes;
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use tower_service::Service;
+
+pin_project! {
+    /// The response future of [`ApiKeyService`](crate::ApiKeyService).
+    pub struct ResponseFuture<S, ReqB>
+    where
+        S: Service<Request<ReqB>>,
+    {
+        #[pin]
+        state: State<S, ReqB>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, ReqB>
+    where
+        S: Service<Request<ReqB>>,
+    {
+        Called { #[pin] future: S::Future },
+        Rejected { response: Option<Response<Bytes>> },
+        Verifying {
+            verdict: BoxFuture<'static, Result<VerifiedKey, Rejection>>,
+            waiting: Option<(Request<ReqB>, S)>,
+            gate: Arc<Gate>,
+        },
+    }
+}
+
+impl<S: Service<Request<ReqB>>, ReqB> ResponseFuture<S, ReqB> {
+    pub(crate) fn called(future: S::Future) -> Self {
+        Self { state: State::Called { future } }
+    }
+
+    pub(crate) fn rejected(response: Response<Bytes>) -> Self {
+        Self { state: State::Rejected { response: Some(response) } }
+    }
+
+    pub(crate) fn pending(
+        verdict: BoxFuture<'static, Result<VerifiedKey, Rejection>>,
+        req: Request<ReqB>,
+        inner: S,
+        gate: Arc<Gate>,
+    ) -> Self {
+        Self { state: State::Verifying { verdict, waiting: Some((req, inner)), gate } }
+    }
+}
+
+impl<S, ReqB, ResB> Future for ResponseFuture<S, ReqB>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+{
+    type Output = Result<Response<ResponseBody<ResB>>, S::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let next = match self.as_mut().project().state.project() {
+                StateProj::Called { future } => {
+                    return future.poll(cx).map_ok(|res| res.map(ResponseBody::new));
+                }
+                StateProj::Rejected { response } => {
+                    let response = response.take().expect("ResponseFuture polled after completion");
+                    return Poll::Ready(Ok(response.map(ResponseBody::rejection)));
+                }
+                StateProj::Verifying { verdict, waiting, gate } => {
+                    let verdict = ready!(verdict.as_mut().poll(cx));
+                    let (mut req, mut inner) = waiting.take().expect("ResponseFuture polled after completion");
+                    match verdict {
+                        Ok(key) => {
+                            req.extensions_mut().insert(key);
+                            State::Called { future: inner.call(req) }
+                        }
+                        Err(rejection) => State::Rejected { response: Some(gate.respond(&rejection)) },
+                    }
+                }
+            };
+            self.as_mut().project().state.set(next);
+        }
+    }
+}
+
+impl<S: Service<Request<ReqB>>, ReqB> std::fmt::Debug for ResponseFuture<S, ReqB> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}

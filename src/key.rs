@@ -1,0 +1,304 @@
+//! The key as a secret: [`ApiKey`], its [`KeyDigest`], the [`KeyFormat`] check and key generation.
+//!
+//! The raw key exists only between extraction and hashing. Everything after that works on the
+//! SHA-256 digest (caches, stores, limiters) and on the key id.
+
+use sha2::{Digest as _, Sha256};
+use std::fmt;
+
+/// A raw API key as presented by a client. A secret: its `Debug` shows a short prefix at most,
+/// and it has no `Display`.
+///
+/// ```
+/// let key = keygate::ApiKey::new("kg_0123456789abcdefghijklmnopqrstuvwxyz");
+/// assert_eq!(format!("{key:?}"), "ApiKey(\"kg_0…\")");
+/// assert_eq!(key.expose_secret(), "kg_0123456789abcdefghijklmnopqrstuvwxyz");
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(Box<str>);
+
+impl ApiKey {
+    /// Wraps a raw key.
+    pub fn new(key: impl Into<Box<str>>) -> Self {
+        Self(key.into())
+    }
+
+    /// The raw key. Call this only to hand the key to a verifier or to show it once to its owner.
+    pub fn expose_secret(&self) -> &str {
+        &self.0
+    }
+
+    /// The SHA-256 digest of the key: what caches and stores keep instead of the key.
+    pub fn digest(&self) -> KeyDigest {
+        KeyDigest::of(&self.0)
+    }
+
+    /// A prefix that is safe to log: at most 4 characters and at most a quarter of the key.
+    pub fn redacted(&self) -> Redacted<'_> {
+        Redacted(&self.0)
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ApiKey(\"{}\")", self.redacted())
+    }
+}
+
+/// A short, loggable prefix of a key (see [`ApiKey::redacted`]).
+#[derive(Clone, Copy)]
+pub struct Redacted<'a>(&'a str);
+
+impl<'a> Redacted<'a> {
+    /// Redacts a raw key held as a string.
+    pub fn of(key: &'a str) -> Self {
+        Self(key)
+    }
+}
+
+impl fmt::Display for Redacted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown = (self.0.len() / 4).min(4);
+        // Keys are visible ASCII by the time they are redacted, but stay safe on any input.
+        let cut = (0..=shown).rev().find(|&i| self.0.is_char_boundary(i)).unwrap_or(0);
+        write!(f, "{}…", &self.0[..cut])
+    }
+}
+
+impl fmt::Debug for Redacted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// The SHA-256 digest of a key. Stores, caches and limiters are keyed by it, never by the key.
+///
+/// Its text form is `sha256:` and 64 lowercase hex digits, as in a key file.
+///
+/// ```
+/// let d = keygate::KeyDigest::of("secret");
+/// let text = d.to_string();
+/// assert!(text.starts_with("sha256:2bb80d53"));
+/// assert_eq!(text.parse::<keygate::KeyDigest>().unwrap(), d);
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyDigest([u8; 32]);
+
+impl KeyDigest {
+    /// Hashes a raw key.
+    pub fn of(key: &str) -> Self {
+        Self(Sha256::digest(key.as_bytes()).into())
+    }
+
+    /// The digest's bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Builds a digest from its bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+}
+
+impl fmt::Display for KeyDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("sha256:")?;
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl fmt::Debug for KeyDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyDigest({:02x}{:02x}{:02x}{:02x}…)", self.0[0], self.0[1], self.0[2], self.0[3])
+    }
+}
+
+/// The text was not `sha256:` followed by 64 hex digits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseDigestError;
+
+impl fmt::Display for ParseDigestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a key digest is `sha256:` followed by 64 hex digits")
+    }
+}
+
+impl std::error::Error for ParseDigestError {}
+
+impl std::str::FromStr for KeyDigest {
+    type Err = ParseDigestError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let hex = s.strip_prefix("sha256:").ok_or(ParseDigestError)?.as_bytes();
+        if hex.len() != 64 {
+            return Err(ParseDigestError);
+        }
+        let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8).ok_or(ParseDigestError);
+        let mut out = [0u8; 32];
+        for (i, pair) in hex.chunks_exact(2).enumerate() {
+            out[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
+        }
+        Ok(Self(out))
+    }
+}
+
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+/// 22 base62 characters carry 130 bits, above the 128-bit floor.
+const RANDOM_LEN: usize = 22;
+/// 6 base62 characters hold a CRC-32 (62^6 > 2^32).
+const CHECKSUM_LEN: usize = 6;
+
+/// What a well-formed key looks like, checked before any cache or verifier is asked, so that a
+/// forged or mistyped key costs no lookup.
+///
+/// ```
+/// use keygate::KeyFormat;
+/// let format = KeyFormat::checksummed("kg_").unwrap();
+/// let key = format.generate().unwrap();
+/// assert!(format.accepts(key.expose_secret()));
+/// assert!(!format.accepts("kg_0000000000000000000000000000"));
+/// assert!(KeyFormat::Any.accepts("anything-visible"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum KeyFormat {
+    /// Any non-empty visible-ASCII key (the extraction rules still apply). The default, because a
+    /// remote verifier's keys may have any shape.
+    #[default]
+    Any,
+    /// keygate's generated keys: `prefix`, 22 base62 characters of OS randomness (130 bits), and a
+    /// 6-character base62 CRC-32 of the two.
+    Checksummed {
+        /// The fixed prefix, such as `kg_`.
+        prefix: Box<str>,
+    },
+}
+
+/// A key prefix was empty, too long or not made of `[A-Za-z0-9_-]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidPrefix;
+
+impl fmt::Display for InvalidPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a key prefix is 1 to 16 characters of [A-Za-z0-9_-]")
+    }
+}
+
+impl std::error::Error for InvalidPrefix {}
+
+impl KeyFormat {
+    /// Generated keys with this prefix.
+    pub fn checksummed(prefix: &str) -> Result<Self, InvalidPrefix> {
+        let ok = (1..=16).contains(&prefix.len())
+            && prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        ok.then(|| Self::Checksummed { prefix: prefix.into() }).ok_or(InvalidPrefix)
+    }
+
+    /// Whether a presented key has this format. Cheap: no allocation, one CRC-32 over the key.
+    pub fn accepts(&self, key: &str) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Checksummed { prefix } => {
+                let Some(rest) = key.strip_prefix(&**prefix) else { return false };
+                if rest.len() != RANDOM_LEN + CHECKSUM_LEN || !rest.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                    return false;
+                }
+                let (body, sum) = key.split_at(key.len() - CHECKSUM_LEN);
+                sum.as_bytes() == base62_fixed::<CHECKSUM_LEN>(crc32(body.as_bytes()) as u64)
+            }
+        }
+    }
+
+    /// Generates a new key of this format from the OS random source.
+    ///
+    /// [`KeyFormat::Any`] generates keys of the default `kg_` format.
+    pub fn generate(&self) -> Result<ApiKey, getrandom::Error> {
+        let prefix = match self {
+            Self::Any => "kg_",
+            Self::Checksummed { prefix } => prefix,
+        };
+        let mut random = [0u8; RANDOM_LEN];
+        getrandom::fill(&mut random)?;
+        let mut key = String::with_capacity(prefix.len() + RANDOM_LEN + CHECKSUM_LEN);
+        key.push_str(prefix);
+        // 256 % 62 != 0, so plain `b % 62` is biased; rejection sampling keeps every symbol equally
+        // likely. Refill the rejected bytes until all are usable.
+        for slot in random.iter_mut() {
+            while *slot >= 248 {
+                let mut b = [0u8; 1];
+                getrandom::fill(&mut b)?;
+                *slot = b[0];
+            }
+            key.push(BASE62[(*slot % 62) as usize] as char);
+        }
+        let sum = base62_fixed::<CHECKSUM_LEN>(crc32(key.as_bytes()) as u64);
+        key.extend(sum.iter().map(|&b| b as char));
+        Ok(ApiKey::new(key))
+    }
+}
+
+fn base62_fixed<const N: usize>(mut n: u64) -> [u8; N] {
+    let mut out = [b'0'; N];
+    for slot in out.iter_mut().rev() {
+        *slot = BASE62[(n % 62) as usize];
+        n /= 62;
+    }
+    out
+}
+
+const CRC_TABLE: [u32; 256] = {
+    let mut table = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            k += 1;
+        }
+        table[i] = c;
+        i += 1;
+    }
+    table
+};
+
+/// CRC-32 (IEEE): catches every typo of up to 32 bits; not a MAC, the randomness is the secret.
+fn crc32(data: &[u8]) -> u32 {
+    !data.iter().fold(!0u32, |c, &b| CRC_TABLE[((c ^ b as u32) & 0xFF) as usize] ^ (c >> 8))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32_matches_the_standard_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn every_single_character_typo_is_rejected() {
+        let format = KeyFormat::checksummed("kg_").unwrap();
+        let key = format.generate().unwrap();
+        let key = key.expose_secret();
+        for i in 3..key.len() {
+            for &c in BASE62.iter() {
+                if key.as_bytes()[i] == c {
+                    continue;
+                }
+                let mut typo = key.as_bytes().to_vec();
+                typo[i] = c;
+                assert!(!format.accepts(std::str::from_utf8(&typo).unwrap()));
+            }
+        }
+    }
+
+    #[test]
+    fn redaction_never_shows_more_than_a_quarter() {
+        assert_eq!(Redacted::of("abc").to_string(), "…");
+        assert_eq!(Redacted::of("abcdefgh").to_string(), "ab…");
+        assert_eq!(Redacted::of("kg_abcdefghijklmnopqrstuvwxyz").to_string(), "kg_a…");
+        assert_eq!(Redacted::of("aéééé").to_string(), "a…"); // never cuts inside a character
+    }
+}

@@ -1,0 +1,170 @@
+//! The route table: route templates to representations.
+
+use super::path::canonical;
+use crate::layer::BuildError;
+use crate::reject::Rejection;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+/// What a route in the table asks of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// No key needed.
+    Public,
+    /// A key with the method's action on this representation.
+    Resource(Arc<str>),
+    /// Not in the table: see [`Unmapped`].
+    Unmapped,
+}
+
+/// A row of the table: the route and the template it was registered under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RouteEntry {
+    pub(crate) template: Option<Arc<str>>,
+    pub(crate) route: Route,
+}
+
+static UNMAPPED: RouteEntry = RouteEntry { template: None, route: Route::Unmapped };
+
+/// What happens on a route that is not in the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Unmapped {
+    /// Any valid key passes, with no scope check (the default): the table only narrows access.
+    /// Routes can still check scopes themselves with [`require`](crate::require).
+    #[default]
+    AnyValidKey,
+    /// Strict mode: refused with `403`, so a route nobody mapped is never open by accident.
+    Deny,
+}
+
+/// A table from route templates to the representation they act on.
+///
+/// Templates use axum's syntax (`/v1/items/{id}`, `/files/{*path}`). The table is matched against
+/// axum's `MatchedPath` when the layer runs inside the router (`route_layer`), and otherwise by the
+/// crate's own matcher on the canonical path, so a plain hyper service gets the same decision. The
+/// own matcher is case-insensitive and decodes escapes (see the crate docs on paths), so no spelling
+/// of a path gets a weaker scope than its plain form.
+///
+/// ```
+/// use keygate::{ScopeMap, Unmapped};
+/// let routes = ScopeMap::new()
+///     .public("/health")
+///     .route("/v1/items", "items")
+///     .route("/v1/items/{id}", "items")
+///     .route("/v1/admin/{*rest}", "admin")
+///     .unmapped(Unmapped::Deny);
+/// # let _ = routes;
+/// ```
+#[derive(Clone, Default)]
+pub struct ScopeMap {
+    matcher: matchit::Router<usize>,
+    by_template: HashMap<Box<str>, usize>,
+    routes: Vec<RouteEntry>,
+    unmapped: Unmapped,
+    error: Option<BuildError>,
+}
+
+impl ScopeMap {
+    /// An empty table: every route is unmapped.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Requests on `template` need the method's action on `representation`.
+    pub fn route(self, template: &str, representation: &str) -> Self {
+        if representation.is_empty() {
+            return self.fail(template, "the representation is empty".into());
+        }
+        self.insert(template, Route::Resource(representation.into()))
+    }
+
+    /// Requests on `template` need no key.
+    pub fn public(self, template: &str) -> Self {
+        self.insert(template, Route::Public)
+    }
+
+    /// What happens on routes not in the table.
+    pub fn unmapped(mut self, policy: Unmapped) -> Self {
+        self.unmapped = policy;
+        self
+    }
+
+    /// The policy for unmapped routes.
+    pub fn unmapped_policy(&self) -> Unmapped {
+        self.unmapped
+    }
+
+    fn insert(mut self, template: &str, route: Route) -> Self {
+        if self.error.is_some() {
+            return self;
+        }
+        if !template.starts_with('/') {
+            return self.fail(template, "a template starts with `/`".into());
+        }
+        let index = self.routes.len();
+        // The own matcher sees canonical (lowercase) paths, so it holds lowercase templates.
+        if let Err(e) = self.matcher.insert(template.to_ascii_lowercase(), index) {
+            return self.fail(template, e.to_string());
+        }
+        self.by_template.insert(template.into(), index);
+        self.routes.push(RouteEntry { template: Some(template.into()), route });
+        self
+    }
+
+    fn fail(mut self, template: &str, reason: String) -> Self {
+        self.error.get_or_insert(BuildError::Route { template: template.into(), reason });
+        self
+    }
+
+    pub(crate) fn take_error(&mut self) -> Option<BuildError> {
+        self.error.take()
+    }
+
+    /// The route for a request: by axum's matched template when there is one in the table, else by
+    /// the canonical path.
+    pub(crate) fn resolve(&self, matched: Option<&str>, path: &str) -> Result<&RouteEntry, Rejection> {
+        if let Some(&i) = matched.and_then(|t| self.by_template.get(t)) {
+            return Ok(&self.routes[i]);
+        }
+        // Even an empty table refuses an ambiguous path: the inner service may route on it.
+        let path = canonical(path)?;
+        Ok(match self.matcher.at(&path) {
+            Ok(m) => &self.routes[*m.value],
+            Err(_) => &UNMAPPED,
+        })
+    }
+}
+
+impl fmt::Debug for ScopeMap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut routes: Vec<_> = self.by_template.iter().map(|(t, &i)| (t, &self.routes[i].route)).collect();
+        routes.sort_by(|a, b| a.0.cmp(b.0));
+        f.debug_struct("ScopeMap").field("routes", &routes).field("unmapped", &self.unmapped).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_and_paths() {
+        let map = ScopeMap::new().public("/health").route("/v1/items/{id}", "items").route("/v1/Admin", "admin");
+        assert_eq!(&map.resolve(None, "/health").unwrap().route, &Route::Public);
+        assert_eq!(&map.resolve(None, "/V1/ITEMS/ABC").unwrap().route, &Route::Resource("items".into()));
+        assert_eq!(&map.resolve(None, "/v1/admin/").unwrap().route, &Route::Resource("admin".into()));
+        assert_eq!(&map.resolve(Some("/v1/items/{id}"), "/whatever").unwrap().route, &Route::Resource("items".into()));
+        assert_eq!(&map.resolve(Some("/not/mapped"), "/v1/items/1").unwrap().route, &Route::Resource("items".into()));
+        assert_eq!(&map.resolve(None, "/nope").unwrap().route, &Route::Unmapped);
+    }
+
+    #[test]
+    fn bad_tables_say_what_is_wrong() {
+        let mut map = ScopeMap::new().route("/a/{id}", "x").route("/a/{other}", "y");
+        let err = map.take_error().unwrap().to_string();
+        assert!(err.contains("/a/{other}"), "{err}");
+        let mut map = ScopeMap::new().route("nope", "x");
+        assert!(map.take_error().unwrap().to_string().contains("starts with"));
+    }
+}

@@ -1,0 +1,68 @@
+//! [`ApiKeyService`]: the `Service` the layer wraps around yours.
+
+use crate::body::ResponseBody;
+use crate::future::ResponseFuture;
+use crate::gate::{Admission, Gate};
+use http::{Request, Response};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tower_service::Service;
+
+/// Gates every request to `S` by API key. Made by [`ApiKeyLayer`](crate::ApiKeyLayer).
+///
+/// Its error type is `S::Error`: every refusal is a response, never an error, so axum needs no
+/// `HandleErrorLayer`.
+#[derive(Clone)]
+pub struct ApiKeyService<S> {
+    inner: S,
+    gate: Arc<Gate>,
+}
+
+impl<S> ApiKeyService<S> {
+    pub(crate) fn new(inner: S, gate: Arc<Gate>) -> Self {
+        Self { inner, gate }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for ApiKeyService<S>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqB>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
+        match self.gate.admit(&mut req) {
+            Admission::Pass(key) => {
+                if let Some(key) = key {
+                    req.extensions_mut().insert(key);
+                }
+                ResponseFuture::called(self.inner.call(req))
+            }
+            Admission::Reject(rejection) => ResponseFuture::rejected(self.gate.respond(&rejection)),
+            Admission::Pending(verdict) => {
+                // The inner service is called later: take the one that was made ready and leave a
+                // clone in its place (tower's `mem::replace` rule).
+                let clone = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::pending(verdict, req, ready, self.gate.clone())
+            }
+        }
+    }
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for ApiKeyService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKeyService").field("inner", &self.inner).finish_non_exhaustive()
+    }
+}

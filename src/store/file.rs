@@ -1,0 +1,174 @@
+//! The TOML key file.
+//!
+//! ```toml
+//! [[keys]]
+//! id = "key_ci"                 # required, unique
+//! name = "CI pipeline"          # optional
+//! digest = "sha256:…"           # the SHA-256 of the key: what production files hold
+//! # key = "kg_…"                # or, for development only, the plain key
+//! scopes = ["items:read,create", "admin:*"]
+//! expires_at = 1798761600       # optional, Unix seconds
+//! enabled = true                # optional, default true
+//! customer_id = "cus_42"        # optional
+//! metadata = { plan = "pro" }   # optional, string values
+//! ```
+
+use super::StoredKey;
+use crate::key::KeyDigest;
+use crate::scope::Scope;
+use crate::verify::KeyFacts;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// A parsed key file: each entry is a digest and the key stored under it.
+#[derive(Debug, Clone)]
+pub struct KeyFile {
+    /// The keys, in file order.
+    pub keys: Vec<(KeyDigest, StoredKey)>,
+}
+
+/// A key file could not be read or parsed; the message names the entry and the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadError(String);
+
+impl LoadError {
+    pub(crate) fn new(message: String) -> Self {
+        Self(message)
+    }
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "key file: {}", self.0)
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileShape {
+    #[serde(default)]
+    keys: Vec<Entry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    id: String,
+    name: Option<String>,
+    key: Option<String>,
+    digest: Option<String>,
+    #[serde(default)]
+    scopes: Vec<String>,
+    expires_at: Option<u64>,
+    #[serde(default = "yes")]
+    enabled: bool,
+    customer_id: Option<String>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl KeyFile {
+    /// Reads and parses a key file.
+    pub fn read(path: impl AsRef<std::path::Path>) -> Result<Self, LoadError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| LoadError(format!("{}: {e}", path.display())))?;
+        Self::parse(&text)
+    }
+
+    /// Parses a key file's text.
+    ///
+    /// ```
+    /// let file = keygate::store::KeyFile::parse(r#"
+    ///     [[keys]]
+    ///     id = "k1"
+    ///     key = "dev-key-1"
+    ///     scopes = ["items:read"]
+    /// "#).unwrap();
+    /// assert_eq!(file.keys[0].0, keygate::KeyDigest::of("dev-key-1"));
+    /// ```
+    pub fn parse(text: &str) -> Result<Self, LoadError> {
+        // toml's messages quote the offending line, which may hold a plain key: keep only the place.
+        let shape: FileShape = toml::from_str(text).map_err(|e| {
+            let at = e.span().map(|s| format!(" at byte {}", s.start)).unwrap_or_default();
+            LoadError(format!("not a valid key file{at}: {}", e.message()))
+        })?;
+        let mut ids = std::collections::HashSet::new();
+        let keys = shape
+            .keys
+            .into_iter()
+            .enumerate()
+            .map(|(i, entry)| {
+                let at = |msg: String| LoadError(format!("entry {} (id {:?}): {msg}", i + 1, entry.id));
+                if entry.id.is_empty() || !ids.insert(entry.id.clone()) {
+                    return Err(at("ids must be non-empty and unique".into()));
+                }
+                let digest = match (&entry.key, &entry.digest) {
+                    (Some(key), None) if !key.is_empty() && key.bytes().all(|b| b.is_ascii_graphic()) => {
+                        KeyDigest::of(key)
+                    }
+                    (Some(_), None) => return Err(at("`key` must be visible ASCII".into())),
+                    (None, Some(d)) => d.parse().map_err(|e| at(format!("`digest`: {e}")))?,
+                    _ => return Err(at("give exactly one of `key` (development) or `digest`".into())),
+                };
+                let scopes = entry
+                    .scopes
+                    .iter()
+                    .map(|s| s.parse::<Scope>())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| at(e.to_string()))?;
+                let facts = KeyFacts {
+                    id: entry.id.clone(),
+                    name: entry.name.clone(),
+                    scopes,
+                    expires_at: entry.expires_at.map(|s| UNIX_EPOCH + Duration::from_secs(s)),
+                    metadata: entry.metadata.clone(),
+                    customer_id: entry.customer_id.clone(),
+                };
+                let stored = StoredKey { enabled: entry.enabled, ..StoredKey::new(facts) };
+                Ok((digest, stored))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { keys })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_entry_and_never_the_key() {
+        let err = KeyFile::parse("[[keys]]\nid = \"a\"\nkey = \"secret-1\"\nscopes = [\"items:fly\"]\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("entry 1") && msg.contains("items:fly"), "{msg}");
+        assert!(!msg.contains("secret-1"));
+        let err = KeyFile::parse("[[keys]]\nid = \"a\"\nkey = \"secret-1\"\nkye = 1\n").unwrap_err();
+        assert!(!err.to_string().contains("secret-1"), "{err}");
+        let err = KeyFile::parse("[[keys]]\nid = \"a\"\nkey = \"x\"\ndigest = \"sha256:00\"\n").unwrap_err();
+        assert!(err.to_string().contains("exactly one"), "{err}");
+        let dup = "[[keys]]\nid = \"a\"\nkey = \"x\"\n[[keys]]\nid = \"a\"\nkey = \"y\"\n";
+        assert!(KeyFile::parse(dup).unwrap_err().to_string().contains("unique"));
+    }
+
+    #[test]
+    fn digests_and_flags() {
+        let d = KeyDigest::of("k");
+        let file = KeyFile::parse(&format!(
+            "[[keys]]\nid = \"a\"\ndigest = \"{d}\"\nenabled = false\nexpires_at = 10\nmetadata = {{ plan = \"pro\" }}\n"
+        ))
+        .unwrap();
+        let (digest, stored) = &file.keys[0];
+        assert_eq!(*digest, d);
+        assert!(!stored.enabled);
+        assert_eq!(stored.facts.expires_at, Some(UNIX_EPOCH + Duration::from_secs(10)));
+        assert_eq!(stored.facts.metadata["plan"], "pro");
+    }
+}

@@ -1,0 +1,160 @@
+//! The embedded verifier: keys in a [`KeyStore`] in this process (or in Redis, with that feature).
+
+use super::{BoxFuture, KeyFacts, Verification, Verifier, VerifyError, VerifyRequest};
+use crate::key::{ApiKey, KeyDigest, KeyFormat};
+use crate::store::{KeyFile, KeyStore, LoadError, MemoryStore, StoreError, StoredKey};
+use std::fmt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// Verifies keys against a [`KeyStore`], and manages them: create, disable, enable, delete, rotate.
+/// Cloning shares the same store.
+///
+/// ```
+/// use keygate::{KeyFacts, LocalVerifier, Scope};
+/// # tokio_test();
+/// # #[tokio::main(flavor = "current_thread")] async fn tokio_test() {
+/// let verifier = LocalVerifier::in_memory();
+/// let created = verifier
+///     .create(KeyFacts::new("key_1").with_scopes(["items:read".parse::<Scope>().unwrap()]))
+///     .await
+///     .unwrap();
+/// // Show `created.key` to its owner once; the store only has its digest.
+/// let rotated = verifier.rotate("key_1").await.unwrap();
+/// assert_ne!(rotated, created.key);
+/// verifier.disable("key_1").await.unwrap();
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct LocalVerifier {
+    store: Arc<dyn KeyStore>,
+    format: KeyFormat,
+}
+
+/// A key just created: the only moment the plain key exists on the server side.
+#[derive(Debug, Clone)]
+pub struct CreatedKey {
+    /// The plain key, to hand to its owner once. Redacted in `Debug`.
+    pub key: ApiKey,
+    /// What was stored.
+    pub facts: Arc<KeyFacts>,
+}
+
+impl LocalVerifier {
+    /// A verifier over `store`, generating keys in the default `kg_` format.
+    pub fn new(store: impl KeyStore) -> Self {
+        Self { store: Arc::new(store), format: KeyFormat::checksummed("kg_").expect("valid prefix") }
+    }
+
+    /// A verifier over a fresh [`MemoryStore`].
+    pub fn in_memory() -> Self {
+        Self::new(MemoryStore::new())
+    }
+
+    /// A verifier over a [`MemoryStore`] holding the keys of a TOML key file (see
+    /// [`KeyFile`] for the format).
+    pub fn from_key_file(path: impl AsRef<std::path::Path>) -> Result<Self, LoadError> {
+        let store = MemoryStore::new();
+        for (digest, key) in KeyFile::read(path)?.keys {
+            let id = key.facts.id.clone();
+            // Ids are checked unique by the parser; digests are checked here.
+            store
+                .insert_now(digest, key)
+                .map_err(|_| LoadError::new(format!("entry {id:?} holds the same key as another")))?;
+        }
+        Ok(Self::new(store))
+    }
+
+    /// The format of generated keys. Use the same on the layer ([`key_format`]) so that forged
+    /// keys are refused before any lookup.
+    ///
+    /// [`key_format`]: crate::ApiKeyLayerBuilder::key_format
+    pub fn with_key_format(mut self, format: KeyFormat) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// The format of generated keys.
+    pub fn key_format(&self) -> &KeyFormat {
+        &self.format
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn KeyStore> {
+        &self.store
+    }
+
+    /// Creates a key with these facts and returns the plain key, once.
+    pub async fn create(&self, facts: KeyFacts) -> Result<CreatedKey, StoreError> {
+        let key = self.generate()?;
+        let stored = StoredKey::new(facts);
+        let facts = stored.facts.clone();
+        self.store.insert(key.digest(), stored).await?;
+        Ok(CreatedKey { key, facts })
+    }
+
+    /// Adds a key whose secret is already known (imported, or a fixed development key).
+    pub async fn add(&self, key: &ApiKey, facts: KeyFacts) -> Result<Arc<KeyFacts>, StoreError> {
+        let stored = StoredKey::new(facts);
+        let facts = stored.facts.clone();
+        self.store.insert(key.digest(), stored).await?;
+        Ok(facts)
+    }
+
+    /// Disables a key: it is refused (`DISABLED`) until enabled again.
+    pub async fn disable(&self, id: &str) -> Result<(), StoreError> {
+        self.update(id, |k| k.enabled = false).await
+    }
+
+    /// Enables a disabled key.
+    pub async fn enable(&self, id: &str) -> Result<(), StoreError> {
+        self.update(id, |k| k.enabled = true).await
+    }
+
+    /// Deletes a key for good: it is refused (`DELETED`).
+    pub async fn delete(&self, id: &str) -> Result<(), StoreError> {
+        self.update(id, |k| k.deleted = true).await
+    }
+
+    /// Replaces a key's secret, keeping its id and facts; the old secret stops working at once.
+    pub async fn rotate(&self, id: &str) -> Result<ApiKey, StoreError> {
+        let (_, stored) = self.store.find(id).await?.ok_or_else(|| StoreError::NotFound(id.into()))?;
+        let key = self.generate()?;
+        self.store.put(key.digest(), stored).await?;
+        Ok(key)
+    }
+
+    async fn update(&self, id: &str, change: impl FnOnce(&mut StoredKey)) -> Result<(), StoreError> {
+        let (digest, mut stored) = self.store.find(id).await?.ok_or_else(|| StoreError::NotFound(id.into()))?;
+        change(&mut stored);
+        self.store.put(digest, stored).await
+    }
+
+    fn generate(&self) -> Result<ApiKey, StoreError> {
+        self.format.generate().map_err(|e| StoreError::Backend(format!("OS random source: {e}")))
+    }
+
+    fn answer(stored: Option<StoredKey>) -> Verification {
+        match stored {
+            None => Verification::invalid(),
+            Some(k) => Verification::new(k.status_at(SystemTime::now()), k.facts),
+        }
+    }
+}
+
+impl Verifier for LocalVerifier {
+    fn verify_now(&self, digest: &KeyDigest) -> Option<Verification> {
+        self.store.get_now(digest).map(Self::answer)
+    }
+
+    fn verify(&self, request: VerifyRequest) -> BoxFuture<'static, Result<Verification, VerifyError>> {
+        let lookup = self.store.get(&request.digest);
+        Box::pin(async move { lookup.await.map(Self::answer).map_err(|e| VerifyError::new(e.to_string())) })
+    }
+}
+
+impl fmt::Debug for LocalVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalVerifier").field("format", &self.format).finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,222 @@
+//! The pluggable part: a [`Verifier`] says what a key is.
+//!
+//! The trait is object-safe, so the layer's type does not change with the verifier and verifiers
+//! compose (a cache wraps any verifier). It has two halves:
+//! - [`Verifier::verify_now`] answers synchronously when no I/O is needed (a cache hit, an in-memory
+//!   store). This is the hot path: no allocation, no await.
+//! - [`Verifier::verify`] answers the rest asynchronously; it is called with an owned request and
+//!   returns a boxed future, one allocation on a path that is about to do I/O anyway.
+
+pub mod local;
+
+pub use local::LocalVerifier;
+
+use crate::key::{ApiKey, KeyDigest};
+use crate::scope::{RequiredScope, Scope};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// A boxed, `Send` future, as returned by the asynchronous halves of the traits.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Oneloop's verification statuses.
+///
+/// The local verifier decides them in this order, first match wins: `INVALID` (unknown key or bad
+/// format), `DELETED`, `DISABLED`, `EXPIRED`, then per request `INVALID_SCOPES`, `USAGE_LIMITED`,
+/// `RATE_LIMITED`, and `VALID` when nothing refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum KeyStatus {
+    /// The key may be used.
+    Valid,
+    /// Past its `expires_at`.
+    Expired,
+    /// Switched off; may be switched on again.
+    Disabled,
+    /// Deleted for good.
+    Deleted,
+    /// Over a rate limit.
+    RateLimited,
+    /// Over its usage limit.
+    UsageLimited,
+    /// Lacks the requested scope.
+    InvalidScopes,
+    /// Unknown.
+    Invalid,
+}
+
+/// What a key is: the facts that are cached per key digest. Never the key itself.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct KeyFacts {
+    /// The key's id (Oneloop's `apiKeyId`).
+    pub id: String,
+    /// A human name, if any.
+    pub name: Option<String>,
+    /// The scopes the key holds.
+    pub scopes: Vec<Scope>,
+    /// When the key stops working, if ever.
+    pub expires_at: Option<SystemTime>,
+    /// Free-form metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// The customer the key belongs to.
+    pub customer_id: Option<String>,
+}
+
+impl KeyFacts {
+    /// Facts for key `id`, with no scopes, expiry, metadata or customer.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self { id: id.into(), ..Self::default() }
+    }
+
+    /// These facts with `name`.
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// These facts with `scopes`.
+    pub fn with_scopes(mut self, scopes: impl IntoIterator<Item = Scope>) -> Self {
+        self.scopes = scopes.into_iter().collect();
+        self
+    }
+
+    /// These facts with an expiry.
+    pub fn with_expiry(mut self, at: SystemTime) -> Self {
+        self.expires_at = Some(at);
+        self
+    }
+
+    /// These facts with a metadata entry.
+    pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// These facts with a customer.
+    pub fn with_customer(mut self, customer_id: impl Into<String>) -> Self {
+        self.customer_id = Some(customer_id.into());
+        self
+    }
+
+    /// Whether the key is past its expiry at `now`.
+    pub fn is_expired_at(&self, now: SystemTime) -> bool {
+        self.expires_at.is_some_and(|at| now >= at)
+    }
+}
+
+/// A verifier's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verification {
+    /// The status.
+    pub status: KeyStatus,
+    /// What the key is; `None` when the key is unknown.
+    pub facts: Option<Arc<KeyFacts>>,
+}
+
+impl Verification {
+    /// An unknown key.
+    pub fn invalid() -> Self {
+        Self { status: KeyStatus::Invalid, facts: None }
+    }
+
+    /// A key with `status` and `facts`.
+    pub fn new(status: KeyStatus, facts: Arc<KeyFacts>) -> Self {
+        Self { status, facts: Some(facts) }
+    }
+}
+
+/// What the asynchronous half of a verifier is asked.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct VerifyRequest {
+    /// The presented key; redacted in `Debug`.
+    pub key: ApiKey,
+    /// Its digest.
+    pub digest: KeyDigest,
+    /// The scope the request needs, if the route has one.
+    pub scope: Option<RequiredScope>,
+    /// The route template the request matched, if known.
+    pub route: Option<Arc<str>>,
+}
+
+impl VerifyRequest {
+    /// A request for `key` with no scope or route.
+    pub fn new(key: ApiKey) -> Self {
+        Self { digest: key.digest(), key, scope: None, route: None }
+    }
+}
+
+/// A verifier could not answer. The gate fails closed on it: `503` with `Retry-After`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyError {
+    message: String,
+}
+
+impl VerifyError {
+    /// An error with a message. Never put a key in it.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self { message: message.into() }
+    }
+}
+
+impl fmt::Display for VerifyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for VerifyError {}
+
+/// Says what a key is.
+///
+/// ```
+/// use keygate::verify::{BoxFuture, KeyFacts, KeyStatus, Verification, Verifier, VerifyError, VerifyRequest};
+/// use keygate::KeyDigest;
+/// use std::sync::Arc;
+///
+/// /// Accepts one hard-wired digest (a test double, say).
+/// struct OneKey(KeyDigest, Arc<KeyFacts>);
+///
+/// impl Verifier for OneKey {
+///     fn verify_now(&self, digest: &KeyDigest) -> Option<Verification> {
+///         Some(if *digest == self.0 {
+///             Verification::new(KeyStatus::Valid, self.1.clone())
+///         } else {
+///             Verification::invalid()
+///         })
+///     }
+///     fn verify(&self, req: VerifyRequest) -> BoxFuture<'static, Result<Verification, VerifyError>> {
+///         let answer = self.verify_now(&req.digest);
+///         Box::pin(async move { answer.ok_or_else(|| VerifyError::new("unreachable")) })
+///     }
+/// }
+/// let layer = keygate::ApiKeyLayer::new(OneKey(KeyDigest::of("k"), Arc::new(KeyFacts::new("key_1"))));
+/// # let _ = layer;
+/// ```
+pub trait Verifier: Send + Sync + 'static {
+    /// The answer, if it can be given without I/O. `None` sends the request to [`Verifier::verify`].
+    fn verify_now(&self, digest: &KeyDigest) -> Option<Verification> {
+        let _ = digest;
+        None
+    }
+
+    /// The answer, with whatever I/O it takes. Implementations clone what the future needs (they
+    /// are usually a handle around an `Arc`).
+    fn verify(&self, request: VerifyRequest) -> BoxFuture<'static, Result<Verification, VerifyError>>;
+}
+
+impl<V: Verifier + ?Sized> Verifier for Arc<V> {
+    fn verify_now(&self, digest: &KeyDigest) -> Option<Verification> {
+        (**self).verify_now(digest)
+    }
+
+    fn verify(&self, request: VerifyRequest) -> BoxFuture<'static, Result<Verification, VerifyError>> {
+        (**self).verify(request)
+    }
+}
