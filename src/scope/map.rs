@@ -1,6 +1,6 @@
 //! The route table: route templates to representations.
 
-use super::path::canonical;
+use super::path::{canonical, check};
 use crate::layer::BuildError;
 use crate::reject::Rejection;
 use std::collections::HashMap;
@@ -124,10 +124,12 @@ impl ScopeMap {
     /// The route for a request: by axum's matched template when there is one in the table, else by
     /// the canonical path.
     pub(crate) fn resolve(&self, matched: Option<&str>, path: &str) -> Result<&RouteEntry, Rejection> {
+        // Even a matched route or an empty table refuses an ambiguous path: the inner service may
+        // read it differently from the router.
+        check(path)?;
         if let Some(&i) = matched.and_then(|t| self.by_template.get(t)) {
             return Ok(&self.routes[i]);
         }
-        // Even an empty table refuses an ambiguous path: the inner service may route on it.
         let path = canonical(path)?;
         Ok(match self.matcher.at(&path) {
             Ok(m) => &self.routes[*m.value],

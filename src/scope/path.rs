@@ -10,20 +10,56 @@
 use crate::reject::Rejection;
 use std::borrow::Cow;
 
-/// The canonical form of `path`, borrowed when it already is canonical (the common case).
-pub(crate) fn canonical(path: &str) -> Result<Cow<'_, str>, Rejection> {
+/// Refuses the paths that cannot be read safely, without allocating. Run on every request, also
+/// when the framework already matched a route: the inner service may read the path differently.
+pub(crate) fn check(path: &str) -> Result<(), Rejection> {
     if !path.starts_with('/') {
         return Err(Rejection::InvalidPath);
     }
+    for segment in path.split('/') {
+        let (mut decoded_len, mut all_dots) = (0, true);
+        let b = segment.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            let c = if b[i] == b'%' {
+                let c = b.get(i + 1..i + 3).and_then(hex_byte).ok_or(Rejection::InvalidPath)?;
+                // An encoded separator or `%` reads differently on every server.
+                if matches!(c, b'/' | b'\\' | b'%') {
+                    return Err(Rejection::InvalidPath);
+                }
+                i += 3;
+                c
+            } else {
+                i += 1;
+                b[i - 1]
+            };
+            if c == b'\\' || c.is_ascii_control() {
+                return Err(Rejection::InvalidPath);
+            }
+            decoded_len += 1;
+            all_dots &= c == b'.';
+        }
+        if all_dots && (decoded_len == 1 || decoded_len == 2) {
+            return Err(Rejection::InvalidPath);
+        }
+    }
+    Ok(())
+}
+
+fn hex_byte(pair: &[u8]) -> Option<u8> {
+    let digit = |c: u8| (c as char).to_digit(16);
+    Some((digit(pair[0])? * 16 + digit(pair[1])?) as u8)
+}
+
+/// The canonical form of a path that passed [`check`], borrowed when it already is canonical
+/// (the common case).
+pub(crate) fn canonical(path: &str) -> Result<Cow<'_, str>, Rejection> {
     if is_canonical(path) {
         return Ok(Cow::Borrowed(path));
     }
     let decoded = decode(path)?;
     let mut out = String::with_capacity(decoded.len());
     for segment in decoded.split('/').filter(|s| !s.is_empty()) {
-        if segment == "." || segment == ".." {
-            return Err(Rejection::InvalidPath);
-        }
         out.push('/');
         out.extend(segment.chars().map(|c| c.to_ascii_lowercase()));
     }
@@ -36,51 +72,31 @@ pub(crate) fn canonical(path: &str) -> Result<Cow<'_, str>, Rejection> {
 fn is_canonical(path: &str) -> bool {
     let b = path.as_bytes();
     let plain = b.iter().all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"/-_~.!$&'()*+,;=:@".contains(&c));
-    plain
-        && !path.contains("//")
-        && (b.len() == 1 || !path.ends_with('/'))
-        && !path.split('/').any(|s| s == "." || s == "..")
+    plain && !path.contains("//") && (b.len() == 1 || !path.ends_with('/'))
 }
 
+/// Decodes a path that passed [`check`]; only invalid UTF-8 can still fail.
 fn decode(path: &str) -> Result<String, Rejection> {
-    let b = path.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let c = if b[i] == b'%' {
-            let hex = b.get(i + 1..i + 3).ok_or(Rejection::InvalidPath)?;
-            let hex = std::str::from_utf8(hex).map_err(|_| Rejection::InvalidPath)?;
-            let c = u8::from_str_radix(hex, 16).map_err(|_| Rejection::InvalidPath)?;
-            // An encoded separator or `%` reads differently on every server: refuse it.
-            if matches!(c, b'/' | b'\\' | b'%') {
-                return Err(Rejection::InvalidPath);
-            }
-            i += 3;
-            c
-        } else {
-            i += 1;
-            b[i - 1]
-        };
-        if c == b'\\' || c.is_ascii_control() {
-            return Err(Rejection::InvalidPath);
-        }
-        out.push(c);
-    }
-    String::from_utf8(out).map_err(|_| Rejection::InvalidPath)
+    percent_encoding::percent_decode_str(path).decode_utf8().map(Cow::into_owned).map_err(|_| Rejection::InvalidPath)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn canon(path: &str) -> Result<Cow<'_, str>, Rejection> {
+        check(path)?;
+        canonical(path)
+    }
+
     #[test]
     fn variants_of_a_path_read_as_the_path() {
         for p in ["/admin", "/admin/", "//admin", "/ADMIN", "/%61dmin", "/%41DMIN//", "///admin///"] {
-            assert_eq!(canonical(p).unwrap(), "/admin", "{p}");
+            assert_eq!(canon(p).unwrap(), "/admin", "{p}");
         }
-        assert_eq!(canonical("/").unwrap(), "/");
-        assert_eq!(canonical("//").unwrap(), "/");
-        assert!(matches!(canonical("/v1/items/42").unwrap(), Cow::Borrowed(_)));
+        assert_eq!(canon("/").unwrap(), "/");
+        assert_eq!(canon("//").unwrap(), "/");
+        assert!(matches!(canon("/v1/items/42").unwrap(), Cow::Borrowed(_)));
     }
 
     #[test]
@@ -101,7 +117,7 @@ mod tests {
             "*",
             "",
         ] {
-            assert!(canonical(p).is_err(), "{p}");
+            assert!(canon(p).is_err(), "{p}");
         }
     }
 }

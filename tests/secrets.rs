@@ -1,0 +1,97 @@
+//! No key in logs, `Debug` output or response bodies.
+
+mod common;
+
+use axum::routing::get;
+use axum::Router;
+use common::*;
+use keygate::store::{KeyFile, MemoryStore, StoredKey};
+use keygate::verify::VerifyRequest;
+use keygate::*;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The part of a key that must never show: all but the short redacted prefix.
+fn secret_part(key: &str) -> &str {
+    &key[4..]
+}
+
+#[tokio::test] // current-thread: the server's tasks log through this test's subscriber
+async fn no_key_in_logs_debug_or_bodies() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let verifier = LocalVerifier::in_memory();
+    let created = verifier.create(KeyFacts::new("k1").with_scopes(["items:read".parse().unwrap()])).await.unwrap();
+    let key = created.key.expose_secret().to_owned();
+    let forged = format!("{}XXXX", &key[..key.len() - 4]);
+    let routes = || ScopeMap::new().route("/items", "items");
+    let local = ApiKeyLayer::builder(verifier.clone())
+        .routes(routes())
+        .key_format(verifier.key_format().clone())
+        .build()
+        .unwrap();
+    let remote = ApiKeyLayer::builder(Unreachable).routes(routes()).build().unwrap();
+    let app =
+        |layer: ApiKeyLayer| Router::new().route("/items", get(|| async { "ok" }).post(|| async { "ok" })).layer(layer);
+    let a = serve_axum(app(local.clone())).await;
+    let b = serve_axum(app(remote.clone())).await;
+
+    let mut bodies = String::new();
+    for (addr, method, k) in [(a, "GET", &key), (a, "POST", &key), (a, "GET", &forged), (b, "GET", &key)] {
+        for header in [("authorization", format!("Bearer {k}")), ("x-api-key", k.clone())] {
+            let r = request(addr, method, "/items", &[(header.0, header.1.as_bytes())]).await;
+            bodies += &format!("{r:?}");
+        }
+        let both = [("authorization", format!("Bearer {k}")), ("x-api-key", k.clone())];
+        let r =
+            request(addr, method, "/items", &both.iter().map(|(n, v)| (*n, v.as_bytes())).collect::<Vec<_>>()).await;
+        bodies += &format!("{r:?}");
+    }
+
+    let api_key = ApiKey::new(key.clone());
+    let file = KeyFile::parse(&format!("[[keys]]\nid = \"a\"\nkey = \"{key}\"\n")).unwrap();
+    let load_error = KeyFile::parse(&format!("[[keys]]\nid = \"a\"\nkey = \"{key}\"\nbogus = 1\n")).unwrap_err();
+    let debug = [
+        format!("{api_key:?} {api_key:#?} {}", api_key.redacted()),
+        format!("{:?}", api_key.digest()),
+        format!("{created:?} {created:#?}"),
+        format!("{:?}", VerifyRequest::new(api_key.clone())),
+        format!("{local:?} {remote:?}"),
+        format!("{:?}", ApiKeyLayer::builder(verifier.clone())),
+        format!("{verifier:?} {:?}", MemoryStore::new()),
+        format!("{file:?} {load_error:?} {load_error}"),
+        format!("{:?}", StoredKey::new(KeyFacts::new("x"))),
+        format!("{:?}", verifier.verify_now(&api_key.digest())),
+        format!("{:?}", Rejection::InvalidKey(KeyStatus::Invalid)),
+    ]
+    .join("\n");
+
+    drop(_guard);
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("keygate: refused"), "the test must see the gate's logs:\n{logs}");
+    for (what, text) in [("logs", &logs), ("debug", &debug), ("bodies", &bodies)] {
+        for k in [&key, &forged] {
+            assert!(!text.contains(secret_part(k)), "a key leaked into {what}:\n{text}");
+        }
+    }
+}
