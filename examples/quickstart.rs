@@ -8,21 +8,13 @@
 //!
 //! Then: `curl -H "Authorization: Bearer <key>" http://127.0.0.1:3000/v1/items`.
 
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::routing::get;
-use axum::{Json, Router};
-use keygate::{ApiKeyLayer, KeyFacts, KeyFormat, LocalVerifier, Scope, ScopeMap, Unmapped, VerifiedKey};
-use serde_json::{json, Value};
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+mod demo_api;
 
-type Items = Arc<Mutex<BTreeMap<u64, Value>>>;
+use keygate::{ApiKeyLayer, KeyFacts, KeyFormat, LocalVerifier, Scope};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())).init();
-
+    demo_api::init_tracing();
     // Generated keys carry a checksum: forged ones are refused before any lookup. Keys from a
     // file may have any shape.
     let (verifier, format) = match std::env::var_os("KEYGATE_KEYS") {
@@ -37,29 +29,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             (verifier, format)
         }
     };
-
-    let routes = ScopeMap::new()
-        .public("/health")
-        .route("/v1/items", "items")
-        .route("/v1/items/{id}", "items")
-        .route("/v1/admin/stats", "admin")
-        .unmapped(Unmapped::Deny);
-    let gate = ApiKeyLayer::builder(verifier).key_format(format).routes(routes).build()?;
-
-    let items: Items = Arc::default();
-    let app = Router::new()
-        .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
-        .route("/v1/items", get(list).post(create))
-        .route("/v1/items/{id}", get(read).put(update).delete(remove))
-        .route("/v1/admin/stats", get(stats))
-        .with_state(items)
-        .layer(gate);
-
-    let port: u16 = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(3000);
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
-    println!("listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, app).with_graceful_shutdown(async { drop(tokio::signal::ctrl_c().await) }).await?;
-    Ok(())
+    let gate = ApiKeyLayer::builder(verifier).key_format(format).routes(demo_api::routes()).build()?;
+    demo_api::serve(demo_api::router().layer(gate)).await
 }
 
 /// Three keys with growing rights, printed once: the store keeps only their digests.
@@ -78,38 +49,4 @@ async fn demo_keys() -> Result<LocalVerifier, Box<dyn std::error::Error>> {
         println!("  {id:<12} {:<40} {}", created.key.expose_secret(), shown.join(" "));
     }
     Ok(verifier)
-}
-
-async fn list(State(items): State<Items>, key: VerifiedKey) -> Json<Value> {
-    let items = items.lock().unwrap();
-    Json(json!({ "key": key.id(), "items": items.values().collect::<Vec<_>>() }))
-}
-
-async fn create(State(items): State<Items>, Json(mut item): Json<Value>) -> (StatusCode, Json<Value>) {
-    let mut items = items.lock().unwrap();
-    let id = items.keys().next_back().map_or(1, |last| last + 1);
-    item["id"] = id.into();
-    items.insert(id, item.clone());
-    (StatusCode::CREATED, Json(item))
-}
-
-async fn read(State(items): State<Items>, Path(id): Path<u64>) -> Result<Json<Value>, StatusCode> {
-    items.lock().unwrap().get(&id).cloned().map(Json).ok_or(StatusCode::NOT_FOUND)
-}
-
-async fn update(State(items): State<Items>, Path(id): Path<u64>, Json(mut item): Json<Value>) -> Json<Value> {
-    item["id"] = id.into();
-    items.lock().unwrap().insert(id, item.clone());
-    Json(item)
-}
-
-async fn remove(State(items): State<Items>, Path(id): Path<u64>) -> StatusCode {
-    match items.lock().unwrap().remove(&id) {
-        Some(_) => StatusCode::NO_CONTENT,
-        None => StatusCode::NOT_FOUND,
-    }
-}
-
-async fn stats(State(items): State<Items>, key: VerifiedKey) -> Json<Value> {
-    Json(json!({ "items": items.lock().unwrap().len(), "asked_by": key.id() }))
 }

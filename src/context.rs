@@ -28,11 +28,29 @@ use std::time::SystemTime;
 #[derive(Debug, Clone)]
 pub struct VerifiedKey {
     facts: Arc<KeyFacts>,
+    stale: bool,
+    fail_open: bool,
 }
 
 impl VerifiedKey {
-    pub(crate) fn new(facts: Arc<KeyFacts>) -> Self {
-        Self { facts }
+    pub(crate) fn new(facts: Arc<KeyFacts>, stale: bool) -> Self {
+        Self { facts, stale, fail_open: false }
+    }
+
+    /// A request let through unverified because the verifier failed and the layer fails open.
+    pub(crate) fn fail_open() -> Self {
+        Self { facts: Arc::default(), stale: false, fail_open: true }
+    }
+
+    /// Whether the request was let in *without* verification, because the verifier could not
+    /// answer and the layer was configured to fail open. Such a key has no id, scopes or metadata.
+    pub fn is_fail_open(&self) -> bool {
+        self.fail_open
+    }
+
+    /// Whether the answer was served stale from the cache while the verifier failed.
+    pub fn is_stale(&self) -> bool {
+        self.stale
     }
 
     /// The key's id.

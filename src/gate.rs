@@ -10,6 +10,7 @@ use crate::scope::{Action, RequiredScope, Route, ScopeMap, Unmapped};
 use crate::verify::{BoxFuture, KeyStatus, Verification, Verifier, VerifyRequest};
 use bytes::Bytes;
 use http::{Method, Request, Response};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -24,6 +25,9 @@ pub(crate) struct Gate {
     pub(crate) allow_preflight: bool,
     pub(crate) responder: Box<dyn Responder>,
     pub(crate) unavailable_retry_after: Duration,
+    pub(crate) fail_open: bool,
+    /// Requests let through unverified by `fail_open`.
+    pub(crate) fail_open_count: AtomicU64,
 }
 
 /// The gate's verdict on a request, as far as it can tell without waiting.
@@ -78,14 +82,23 @@ impl Gate {
         required: Required,
     ) -> BoxFuture<'static, Result<VerifiedKey, Rejection>> {
         let gate = Arc::clone(self);
-        let request = VerifyRequest { key, digest, scope: required.scope.clone(), route: required.template };
+        let mut request = VerifyRequest::hashed(digest, key);
+        request.scope = required.scope.clone();
+        request.route = required.template;
         let verification = self.verifier.verify(request);
         Box::pin(async move {
             match verification.await {
                 Ok(verification) => gate.decide(verification, required.scope.as_ref()),
+                Err(error) if gate.fail_open => {
+                    gate.fail_open_count.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%error, "keygate: verifier failed; failing OPEN, request let through unverified");
+                    Ok(VerifiedKey::fail_open())
+                }
                 Err(error) => {
                     tracing::warn!(%error, "keygate: verifier failed; refusing with 503");
-                    Err(Rejection::Unavailable { retry_after: gate.unavailable_retry_after })
+                    Err(Rejection::Unavailable {
+                        retry_after: error.retry_after().unwrap_or(gate.unavailable_retry_after),
+                    })
                 }
             }
         })
@@ -116,7 +129,7 @@ impl Gate {
             KeyStatus::InvalidScopes => {
                 Some(required.cloned().map_or(Rejection::UnmappedRoute, Rejection::InsufficientScope))
             }
-            KeyStatus::RateLimited => Some(Rejection::RateLimited { retry_after: Duration::from_secs(1) }),
+            KeyStatus::RateLimited => Some(Rejection::RateLimited { retry_after: retry_after(&verification) }),
             KeyStatus::UsageLimited => Some(Rejection::UsageLimited),
             status => Some(Rejection::InvalidKey(status)),
         };
@@ -133,7 +146,7 @@ impl Gate {
         if let Some(required) = required.filter(|r| !r.granted_by(&facts.scopes)) {
             return Err(self.log(Rejection::InsufficientScope(required.clone()), Some(&facts.id)));
         }
-        Ok(VerifiedKey::new(facts))
+        Ok(VerifiedKey::new(facts, verification.stale))
     }
 
     fn refuse(&self, rejection: Rejection, key: Option<&str>) -> Admission {
@@ -153,6 +166,12 @@ impl Gate {
     pub(crate) fn respond(&self, rejection: &Rejection) -> Response<Bytes> {
         self.responder.respond(rejection)
     }
+}
+
+/// Until the verifier's reported reset, or a second when it reported none.
+fn retry_after(verification: &Verification) -> Duration {
+    let reset = verification.rate_limit.map(|r| r.reset_at.duration_since(SystemTime::now()).unwrap_or_default());
+    reset.unwrap_or(Duration::from_secs(1))
 }
 
 /// What a non-public route asks: a scope (or none, for an unmapped route) and its template.

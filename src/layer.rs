@@ -60,7 +60,15 @@ impl ApiKeyLayer {
             allow_preflight: false,
             responder: Box::new(ProblemJson),
             unavailable_retry_after: Duration::from_secs(1),
+            fail_open: false,
         }
+    }
+
+    /// How many requests were let through unverified because of [`fail_open`].
+    ///
+    /// [`fail_open`]: ApiKeyLayerBuilder::fail_open
+    pub fn fail_open_count(&self) -> u64 {
+        self.gate.fail_open_count.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -83,6 +91,7 @@ impl fmt::Debug for ApiKeyLayer {
             .field("hide_credentials", &g.hide_credentials)
             .field("optional", &g.optional)
             .field("allow_preflight", &g.allow_preflight)
+            .field("fail_open", &g.fail_open)
             .finish_non_exhaustive()
     }
 }
@@ -100,6 +109,7 @@ pub struct ApiKeyLayerBuilder {
     allow_preflight: bool,
     responder: Box<dyn Responder>,
     unavailable_retry_after: Duration,
+    fail_open: bool,
 }
 
 impl ApiKeyLayerBuilder {
@@ -166,6 +176,16 @@ impl ApiKeyLayerBuilder {
         self
     }
 
+    /// Fail open (default off): when the verifier cannot answer and has no safe cached answer, let
+    /// the request through *unverified* instead of answering `503`. Such requests carry a
+    /// [`VerifiedKey`](crate::VerifiedKey) whose [`is_fail_open`](crate::VerifiedKey::is_fail_open)
+    /// is true (and no id or scopes), and are counted by [`ApiKeyLayer::fail_open_count`]. Only for
+    /// APIs where availability matters more than access control.
+    pub fn fail_open(mut self, fail_open: bool) -> Self {
+        self.fail_open = fail_open;
+        self
+    }
+
     /// Checks the configuration and builds the layer.
     pub fn build(mut self) -> Result<ApiKeyLayer, BuildError> {
         if let Some(error) = self.routes.take_error() {
@@ -197,6 +217,8 @@ impl ApiKeyLayerBuilder {
             allow_preflight: self.allow_preflight,
             responder: self.responder,
             unavailable_retry_after: self.unavailable_retry_after,
+            fail_open: self.fail_open,
+            fail_open_count: Default::default(),
         };
         Ok(ApiKeyLayer { gate: Arc::new(gate) })
     }
@@ -223,6 +245,8 @@ pub enum BuildError {
     InvalidQueryParameter(String),
     /// The key length cap is out of range.
     MaxKeyLen(usize),
+    /// A verifier's settings are not valid.
+    Verifier(String),
     /// A route template could not be added to the table.
     Route {
         /// The template.
@@ -244,6 +268,7 @@ impl fmt::Display for BuildError {
             }
             Self::MaxKeyLen(n) => write!(f, "max_key_len is {n}; it must be between 1 and {MAX_MAX_KEY_LEN} bytes"),
             Self::Route { template, reason } => write!(f, "route {template:?}: {reason}"),
+            Self::Verifier(reason) => f.write_str(reason),
         }
     }
 }

@@ -4,6 +4,8 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod body;
+pub mod breaker;
+pub mod cache;
 mod context;
 mod extract;
 mod future;

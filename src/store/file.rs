@@ -131,6 +131,7 @@ impl KeyFile {
                     expires_at: entry.expires_at.map(|s| UNIX_EPOCH + Duration::from_secs(s)),
                     metadata: entry.metadata.clone(),
                     customer_id: entry.customer_id.clone(),
+                    ..KeyFacts::default()
                 };
                 let stored = StoredKey { enabled: entry.enabled, ..StoredKey::new(facts) };
                 Ok((digest, stored))

@@ -8,6 +8,8 @@
 //!   returns a boxed future, one allocation on a path that is about to do I/O anyway.
 
 pub mod local;
+#[cfg(feature = "oneloop")]
+pub mod oneloop;
 
 pub use local::LocalVerifier;
 
@@ -19,7 +21,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// A boxed, `Send` future, as returned by the asynchronous halves of the traits.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -66,6 +68,42 @@ pub struct KeyFacts {
     pub metadata: BTreeMap<String, String>,
     /// The customer the key belongs to.
     pub customer_id: Option<String>,
+    /// The customer's billing meter (Oneloop), if any.
+    pub billing: Option<BillingMeter>,
+    /// Oneloop's `externalMeterId`.
+    pub external_meter_id: Option<String>,
+}
+
+/// A customer's credit meter, as Oneloop reports it. Amounts are whole credits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct BillingMeter {
+    /// The meter's id.
+    pub id: String,
+    /// Credits granted in total.
+    pub total_credits: u128,
+    /// Credits used so far.
+    pub used_credits: u128,
+    /// Whether usage may go past `total_credits`.
+    pub allow_overages: bool,
+    /// The most that may be used with overages, if capped.
+    pub spend_cap: Option<u128>,
+}
+
+impl BillingMeter {
+    /// A meter with these amounts, no overages and no cap.
+    pub fn new(id: impl Into<String>, total_credits: u128, used_credits: u128) -> Self {
+        Self { id: id.into(), total_credits, used_credits, allow_overages: false, spend_cap: None }
+    }
+}
+
+/// A rate limit's state as a verifier reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimitState {
+    /// Requests left in the window.
+    pub remaining: u64,
+    /// When the window resets.
+    pub reset_at: SystemTime,
 }
 
 impl KeyFacts {
@@ -112,22 +150,27 @@ impl KeyFacts {
 
 /// A verifier's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Verification {
     /// The status.
     pub status: KeyStatus,
     /// What the key is; `None` when the key is unknown.
     pub facts: Option<Arc<KeyFacts>>,
+    /// The verifier's own rate-limit state, when it reported one (Oneloop's `rateLimit`).
+    pub rate_limit: Option<RateLimitState>,
+    /// Served from a cache past its freshness because the verifier failed (stale-if-error).
+    pub stale: bool,
 }
 
 impl Verification {
     /// An unknown key.
     pub fn invalid() -> Self {
-        Self { status: KeyStatus::Invalid, facts: None }
+        Self { status: KeyStatus::Invalid, facts: None, rate_limit: None, stale: false }
     }
 
     /// A key with `status` and `facts`.
     pub fn new(status: KeyStatus, facts: Arc<KeyFacts>) -> Self {
-        Self { status, facts: Some(facts) }
+        Self { status, facts: Some(facts), rate_limit: None, stale: false }
     }
 }
 
@@ -143,12 +186,40 @@ pub struct VerifyRequest {
     pub scope: Option<RequiredScope>,
     /// The route template the request matched, if known.
     pub route: Option<Arc<str>>,
+    /// Usage this request is billed (Oneloop's `billing`), for verifiers that meter per request.
+    pub billing: Option<Billing>,
+    /// A named rate limit to apply (Oneloop's `rateLimitConfig`), for verifiers that limit per
+    /// request.
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+/// Usage a request is billed: an amount and an optional usage name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Billing {
+    /// The amount.
+    pub usage: u64,
+    /// What is counted, such as `tokens`.
+    pub usage_name: Option<String>,
+}
+
+/// A named rate limit: at most `limit` requests per window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitConfig {
+    /// The limit's name.
+    pub id: String,
+    /// Requests per window; at least 1.
+    pub limit: u64,
 }
 
 impl VerifyRequest {
     /// A request for `key` with no scope or route.
     pub fn new(key: ApiKey) -> Self {
-        Self { digest: key.digest(), key, scope: None, route: None }
+        Self::hashed(key.digest(), key)
+    }
+
+    /// A request for a key whose digest the gate already computed.
+    pub(crate) fn hashed(digest: KeyDigest, key: ApiKey) -> Self {
+        Self { digest, key, scope: None, route: None, billing: None, rate_limit: None }
     }
 }
 
@@ -156,12 +227,25 @@ impl VerifyRequest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifyError {
     message: String,
+    retry_after: Option<Duration>,
 }
 
 impl VerifyError {
     /// An error with a message. Never put a key in it.
     pub fn new(message: impl Into<String>) -> Self {
-        Self { message: message.into() }
+        Self { message: message.into(), retry_after: None }
+    }
+
+    /// This error with a hint of when an answer may be possible again (a circuit breaker's
+    /// cool-down, say): it becomes the `503`'s `Retry-After`.
+    pub fn with_retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// When to try again, if the verifier knows.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
     }
 }
 

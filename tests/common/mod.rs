@@ -1,6 +1,9 @@
 //! Test harness: servers on loopback, a raw HTTP/1.1 client, and a verifier that counts calls.
 #![allow(dead_code)]
 
+#[cfg(feature = "oneloop")]
+pub mod oneloop;
+
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};

@@ -1,0 +1,287 @@
+//! The verification cache: what a key *is*, by key digest, so a known key costs a map lookup.
+//!
+//! - **Facts, not decisions.** The cached answer is the key's status and facts; the route's scope
+//!   is decided per request from them, so one upstream call serves every route.
+//! - **TTLs.** A `VALID` answer lives `positive_ttl` (default 30 s) and never past the key's expiry;
+//!   `INVALID`, `DELETED`, `DISABLED`, `EXPIRED` and `USAGE_LIMITED` live `negative_ttl` (default 5 s);
+//!   `RATE_LIMITED` never past its reset; errors and `INVALID_SCOPES` are not cached.
+//! - **Single-flight.** Concurrent misses on one key make one upstream call.
+//! - **Stale-if-error** (RFC 5861). When the upstream fails, a `VALID` answer up to `max_stale` past
+//!   its TTL is served (marked stale), never past the key's expiry.
+//! - **Newest answer wins.** An answer is stored only if its upstream call started after the one
+//!   that produced the entry in place, and after the last `invalidate`; so a slow, older `VALID` never
+//!   overwrites a newer refusal or a revocation.
+//!
+//! Memory: an entry holds the digest (32 B), moka's per-entry bookkeeping, and an `Arc` of the
+//! key's facts (about 200 B plus its strings); see the README's benchmark table for measured figures.
+
+mod flight;
+
+use crate::key::KeyDigest;
+use crate::verify::{BoxFuture, KeyStatus, Verification, Verifier, VerifyError, VerifyRequest};
+use flight::Flights;
+use moka::ops::compute::Op;
+use moka::sync::Cache;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// How the cache behaves. The defaults suit a remote verifier.
+///
+/// ```
+/// use keygate::cache::CacheConfig;
+/// use std::time::Duration;
+/// let config = CacheConfig::default().positive_ttl(Duration::from_secs(60)).max_stale(Duration::ZERO);
+/// # let _ = config;
+/// ```
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    max_entries: u64,
+    positive_ttl: Duration,
+    negative_ttl: Duration,
+    max_stale: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_entries: 100_000,
+            positive_ttl: Duration::from_secs(30),
+            negative_ttl: Duration::from_secs(5),
+            max_stale: Duration::from_secs(60),
+        }
+    }
+}
+
+impl CacheConfig {
+    /// The most keys kept (default 100 000); beyond it moka evicts the least useful.
+    pub fn max_entries(mut self, n: u64) -> Self {
+        self.max_entries = n;
+        self
+    }
+
+    /// How long a `VALID` answer is fresh (default 30 s): the longest a revoked key keeps working
+    /// when nobody calls [`CachedVerifier::invalidate`].
+    pub fn positive_ttl(mut self, ttl: Duration) -> Self {
+        self.positive_ttl = ttl;
+        self
+    }
+
+    /// How long a refusal is remembered (default 5 s).
+    pub fn negative_ttl(mut self, ttl: Duration) -> Self {
+        self.negative_ttl = ttl;
+        self
+    }
+
+    /// How long past its TTL a `VALID` answer may be served while the upstream fails (default
+    /// 60 s; zero turns stale-if-error off).
+    pub fn max_stale(mut self, max_stale: Duration) -> Self {
+        self.max_stale = max_stale;
+        self
+    }
+}
+
+struct Entry {
+    /// `None` is a tombstone left by `invalidate`: it forces a fresh call and outranks older answers.
+    answer: Option<Verification>,
+    /// When the upstream call that produced this entry started (for a tombstone: when it was laid).
+    started: Instant,
+    fresh_until: Instant,
+    keep_until: Instant,
+}
+
+struct KeepUntil;
+
+impl moka::Expiry<KeyDigest, Arc<Entry>> for KeepUntil {
+    fn expire_after_create(&self, _: &KeyDigest, e: &Arc<Entry>, now: Instant) -> Option<Duration> {
+        Some(e.keep_until.saturating_duration_since(now))
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &KeyDigest,
+        e: &Arc<Entry>,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(e.keep_until.saturating_duration_since(now))
+    }
+}
+
+/// Wraps any [`Verifier`] with the verification cache. Cloning shares the cache.
+///
+/// ```
+/// use keygate::cache::{CacheConfig, CachedVerifier};
+/// use keygate::{ApiKeyLayer, LocalVerifier};
+///
+/// // A store behind I/O (Redis, say) is where a cache pays; any verifier can be wrapped.
+/// let cached = CachedVerifier::new(LocalVerifier::in_memory(), CacheConfig::default());
+/// let layer = ApiKeyLayer::new(cached.clone());
+/// cached.invalidate("kg_revoked_key"); // revocation: the next request asks the verifier again
+/// # let _ = layer;
+/// ```
+pub struct CachedVerifier<V> {
+    shared: Arc<Shared<V>>,
+}
+
+impl<V> Clone for CachedVerifier<V> {
+    fn clone(&self) -> Self {
+        Self { shared: self.shared.clone() }
+    }
+}
+
+struct Shared<V> {
+    verifier: V,
+    cache: Cache<KeyDigest, Arc<Entry>>,
+    flights: Flights<Result<Verification, VerifyError>>,
+    /// Bumped by `invalidate_all`: answers from calls started before it are not stored.
+    generation: AtomicU64,
+    config: CacheConfig,
+}
+
+impl<V: Verifier> CachedVerifier<V> {
+    /// Caches `verifier`'s answers.
+    pub fn new(verifier: V, config: CacheConfig) -> Self {
+        let cache = Cache::builder().max_capacity(config.max_entries).expire_after(KeepUntil).build();
+        let shared = Shared { verifier, cache, flights: Flights::new(), generation: AtomicU64::new(0), config };
+        Self { shared: Arc::new(shared) }
+    }
+
+    /// Forgets what is cached for `key`: its next request asks the verifier, and an answer from a
+    /// call already in flight is not stored.
+    pub fn invalidate(&self, key: &str) {
+        self.invalidate_digest(&KeyDigest::of(key));
+    }
+
+    /// [`invalidate`](Self::invalidate) by digest (for revocations that arrive as digests).
+    pub fn invalidate_digest(&self, digest: &KeyDigest) {
+        let now = Instant::now();
+        let keep_until = now + self.shared.config.positive_ttl.max(Duration::from_secs(1));
+        let tombstone = Entry { answer: None, started: now, fresh_until: now, keep_until };
+        self.shared.cache.insert(*digest, Arc::new(tombstone));
+        // Requests from now on must not join a call that started before the revocation.
+        self.shared.flights.forget(digest);
+    }
+
+    /// Forgets everything.
+    pub fn invalidate_all(&self) {
+        self.shared.generation.fetch_add(1, Ordering::SeqCst);
+        self.shared.cache.invalidate_all();
+    }
+
+    /// How many entries the cache holds. Approximate until [`run_pending_tasks`](Self::run_pending_tasks).
+    pub fn entry_count(&self) -> u64 {
+        self.shared.cache.entry_count()
+    }
+
+    /// Runs moka's pending maintenance (evictions, expirations) now.
+    pub fn run_pending_tasks(&self) {
+        self.shared.cache.run_pending_tasks();
+    }
+
+    /// How many keys have an upstream call in flight.
+    pub fn in_flight(&self) -> usize {
+        self.shared.flights.len()
+    }
+
+    /// The wrapped verifier.
+    pub fn inner(&self) -> &V {
+        &self.shared.verifier
+    }
+}
+
+impl<V: Verifier> Shared<V> {
+    fn fresh(&self, digest: &KeyDigest) -> Option<Verification> {
+        let entry = self.cache.get(digest)?;
+        let answer = entry.answer.as_ref()?;
+        (Instant::now() < entry.fresh_until).then(|| answer.clone())
+    }
+
+    /// A `VALID` answer past its TTL but inside `max_stale` and the key's expiry.
+    fn stale(&self, digest: &KeyDigest) -> Option<Verification> {
+        let entry = self.cache.get(digest)?;
+        let answer = entry.answer.as_ref().filter(|a| a.status == KeyStatus::Valid)?;
+        let expired = answer.facts.as_ref().is_some_and(|f| f.is_expired_at(SystemTime::now()));
+        (!expired && Instant::now() < entry.keep_until).then(|| Verification { stale: true, ..answer.clone() })
+    }
+
+    /// `(fresh_until, keep_until)` for an answer, or `None` if it must not be cached.
+    fn lifetimes(&self, answer: &Verification, now: Instant) -> Option<(Instant, Instant)> {
+        let c = &self.config;
+        let wall = SystemTime::now();
+        let until = |at: SystemTime| at.duration_since(wall).ok();
+        match answer.status {
+            KeyStatus::Valid => {
+                let left = answer.facts.as_ref()?.expires_at.map_or(Some(Duration::MAX), until)?;
+                let fresh = now + c.positive_ttl.min(left);
+                Some((fresh, now + (c.positive_ttl + c.max_stale).min(left)))
+            }
+            KeyStatus::RateLimited => {
+                let ttl = c.negative_ttl.min(until(answer.rate_limit?.reset_at)?);
+                Some((now + ttl, now + ttl))
+            }
+            KeyStatus::InvalidScopes => None,
+            _ => Some((now + c.negative_ttl, now + c.negative_ttl)),
+        }
+    }
+
+    fn store(&self, digest: KeyDigest, answer: &Verification, started: Instant, generation: u64) {
+        if self.generation.load(Ordering::SeqCst) != generation {
+            return;
+        }
+        let lifetimes = self.lifetimes(answer, Instant::now());
+        self.cache.entry(digest).and_compute_with(|current| match (current, lifetimes) {
+            (Some(e), _) if e.value().started > started => Op::Nop,
+            (_, None) => Op::Remove,
+            (_, Some((fresh_until, keep_until))) => {
+                Op::Put(Arc::new(Entry { answer: Some(answer.clone()), started, fresh_until, keep_until }))
+            }
+        });
+    }
+
+    async fn load(self: Arc<Self>, request: VerifyRequest) -> Result<Verification, VerifyError> {
+        let digest = request.digest;
+        let shared = self.clone();
+        let result = self
+            .flights
+            .run(digest, move || async move {
+                // Filled while this request waited its turn?
+                if let Some(answer) = shared.fresh(&digest) {
+                    return Ok(answer);
+                }
+                let (started, generation) = (Instant::now(), shared.generation.load(Ordering::SeqCst));
+                let result = shared.verifier.verify(request).await;
+                if let Ok(answer) = &result {
+                    shared.store(digest, answer, started, generation);
+                }
+                result
+            })
+            .await;
+        result.or_else(|error| match self.stale(&digest) {
+            Some(stale) => {
+                tracing::warn!(%error, "keygate: verifier failed; serving a stale answer");
+                Ok(stale)
+            }
+            None => Err(error),
+        })
+    }
+}
+
+impl<V: Verifier> Verifier for CachedVerifier<V> {
+    fn verify_now(&self, digest: &KeyDigest) -> Option<Verification> {
+        self.shared.fresh(digest)
+    }
+
+    fn verify(&self, request: VerifyRequest) -> BoxFuture<'static, Result<Verification, VerifyError>> {
+        Box::pin(self.shared.clone().load(request))
+    }
+}
+
+impl<V> std::fmt::Debug for CachedVerifier<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedVerifier")
+            .field("config", &self.shared.config)
+            .field("entries", &self.shared.cache.entry_count())
+            .finish_non_exhaustive()
+    }
+}

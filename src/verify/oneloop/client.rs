@@ -1,0 +1,98 @@
+//! The HTTP calls to Oneloop: bounded, timed, and classified by what a failure says about Oneloop.
+
+use super::wire::{ErrorBody, RecordUsageBody, VerifyBody, VerifyResponse};
+use crate::key::Redacted;
+use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// The largest response body read; a larger one is a broken or hostile upstream.
+const MAX_BODY: usize = 256 * 1024;
+
+/// A failed call.
+#[derive(Debug)]
+pub(crate) enum CallError {
+    /// Oneloop is down, slow, broken or refusing our token: counts against the circuit breaker.
+    Down(String),
+    /// Oneloop refused this request (`400`): says nothing about its health.
+    Refused(String),
+}
+
+pub(crate) struct Client {
+    pub(crate) http: reqwest::Client,
+    /// Without a trailing slash.
+    pub(crate) base_url: String,
+    /// The workspace token. Never logged or printed.
+    pub(crate) token: String,
+    pub(crate) timeout: Duration,
+    /// Whether the bad-token error was logged already: it is logged once, loudly.
+    pub(crate) warned_token: AtomicBool,
+}
+
+impl Client {
+    pub(crate) async fn verify(&self, body: &VerifyBody<'_>) -> Result<VerifyResponse, CallError> {
+        let bytes = self.post("/api/v1/api-key/verify", body, body.key).await?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| CallError::Down(format!("Oneloop verify answered an invalid body: {e}")))
+    }
+
+    pub(crate) async fn record_usage(&self, body: &RecordUsageBody<'_>) -> Result<(), CallError> {
+        self.post("/api/v1/api-key/record-usage", body, body.key).await.map(drop)
+    }
+
+    async fn post<T: Serialize>(&self, path: &str, body: &T, key: &str) -> Result<Vec<u8>, CallError> {
+        let url = format!("{}{path}", self.base_url);
+        let sent = self.http.post(&url).bearer_auth(&self.token).json(body).timeout(self.timeout).send().await;
+        let mut res = sent.map_err(|e| CallError::Down(format!("Oneloop {path}: {}", transport(&e))))?;
+        let status = res.status();
+        if res.content_length().is_some_and(|n| n > MAX_BODY as u64) {
+            return Err(CallError::Down(format!("Oneloop {path}: body over {MAX_BODY} bytes")));
+        }
+        let mut bytes = Vec::new();
+        while let Some(chunk) =
+            res.chunk().await.map_err(|e| CallError::Down(format!("Oneloop {path}: {}", transport(&e))))?
+        {
+            if bytes.len() + chunk.len() > MAX_BODY {
+                return Err(CallError::Down(format!("Oneloop {path}: body over {MAX_BODY} bytes")));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        if status.is_success() {
+            return Ok(bytes);
+        }
+        let detail = error_detail(&bytes, key);
+        match status.as_u16() {
+            401 | 403 => {
+                if !self.warned_token.swap(true, Ordering::Relaxed) {
+                    tracing::error!(%status, %detail, "keygate: Oneloop refused the workspace token; check ONELOOP_API_KEY. Requests get 503 until it is fixed");
+                }
+                Err(CallError::Down(format!("Oneloop {path}: workspace token refused ({status})")))
+            }
+            400 => Err(CallError::Refused(format!("Oneloop {path}: bad request: {detail}"))),
+            _ => Err(CallError::Down(format!("Oneloop {path}: {status}: {detail}"))),
+        }
+    }
+}
+
+/// The error body's code and message, with the key scrubbed in case the upstream echoes it.
+fn error_detail(bytes: &[u8], key: &str) -> String {
+    match serde_json::from_slice::<ErrorBody>(bytes) {
+        Ok(ErrorBody { error }) => {
+            let message: String = error.message.chars().take(200).collect();
+            format!("code {}: {}", error.code, message.replace(key, &Redacted::of(key).to_string()))
+        }
+        Err(_) => "no error body".into(),
+    }
+}
+
+fn transport(e: &reqwest::Error) -> &'static str {
+    if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "could not connect"
+    } else if e.is_body() || e.is_decode() {
+        "broken body"
+    } else {
+        "request failed"
+    }
+}

@@ -1,0 +1,279 @@
+//! The remote verifier: Oneloop's `POST /api/v1/api-key/verify` and `record-usage` (feature
+//! `oneloop`).
+//!
+//! Two modes:
+//! - [`Mode::Cached`] (the default): one verify per key per TTL, asking for no scope, so the answer
+//!   (the key's status, scopes, expiry, metadata, billing meter) serves every route; scopes are
+//!   decided per request from it, and rate and usage limits are enforced locally. A known key costs a
+//!   cache lookup. Oneloop's own per-request rate limits and metering are not used.
+//! - [`Mode::PerRequest`]: every request calls verify with the route's scope, `billing` and
+//!   `rateLimitConfig`, so Oneloop meters and limits exactly, at the cost of a round trip on every
+//!   request and of Oneloop's availability becoming yours.
+
+mod client;
+mod wire;
+
+use crate::breaker::{Breaker, BreakerConfig};
+use crate::cache::{CacheConfig, CachedVerifier};
+use crate::key::{ApiKey, KeyDigest};
+use crate::layer::BuildError;
+use crate::verify::{BoxFuture, Verification, Verifier, VerifyError, VerifyRequest};
+use client::{CallError, Client};
+use std::fmt;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+use wire::{BillingBody, RateLimitBody, RecordUsageBody, VerifyBody};
+
+/// The production server in Oneloop's spec.
+pub const DEFAULT_BASE_URL: &str = "https://prod.oneloop.ai";
+/// The default time allowed for one call to Oneloop.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// How the verifier uses Oneloop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Verify each key once per TTL and decide scopes and limits locally (the default).
+    #[default]
+    Cached,
+    /// Verify every request with its scope, billing and rate limit.
+    PerRequest,
+}
+
+/// Verifies keys with Oneloop. Cloning shares the client, the cache and the circuit breaker.
+///
+/// ```no_run
+/// use keygate::verify::oneloop::OneloopVerifier;
+/// use keygate::ApiKeyLayer;
+///
+/// let oneloop = OneloopVerifier::builder(std::env::var("ONELOOP_API_KEY").unwrap()).build().unwrap();
+/// let layer = ApiKeyLayer::new(oneloop.clone());
+/// oneloop.invalidate("kg_a_key_just_revoked");
+/// # let _ = layer;
+/// ```
+#[derive(Clone)]
+pub struct OneloopVerifier {
+    upstream: Upstream,
+    cache: Option<CachedVerifier<Upstream>>,
+}
+
+impl OneloopVerifier {
+    /// A builder, with the workspace token Oneloop gave you.
+    pub fn builder(workspace_token: impl Into<String>) -> OneloopBuilder {
+        OneloopBuilder {
+            token: workspace_token.into(),
+            base_url: DEFAULT_BASE_URL.into(),
+            timeout: DEFAULT_TIMEOUT,
+            client: None,
+            mode: Mode::Cached,
+            cache: CacheConfig::default(),
+            breaker: BreakerConfig::default(),
+        }
+    }
+
+    /// Forgets the cached answer for `key` (revocation); a no-op in per-request mode.
+    pub fn invalidate(&self, key: &str) {
+        if let Some(cache) = &self.cache {
+            cache.invalidate(key);
+        }
+    }
+
+    /// Forgets every cached answer.
+    pub fn invalidate_all(&self) {
+        if let Some(cache) = &self.cache {
+            cache.invalidate_all();
+        }
+    }
+
+    /// The cache, in cached mode.
+    pub fn cache(&self) -> Option<&CachedVerifier<impl Verifier>> {
+        self.cache.as_ref()
+    }
+
+    /// Whether the circuit breaker is open (Oneloop is being left alone).
+    pub fn circuit_open(&self) -> bool {
+        self.upstream.0.breaker.is_open()
+    }
+
+    /// Records `usage` of `usage_name` (or the default usage) for `key`
+    /// (`POST /api/v1/api-key/record-usage`).
+    pub async fn record_usage(&self, key: &ApiKey, usage: u64, usage_name: Option<&str>) -> Result<(), VerifyError> {
+        let billing = BillingBody { usage: usage.to_string(), usage_name };
+        let body = RecordUsageBody { key: key.expose_secret(), billing };
+        self.upstream.0.client.record_usage(&body).await.map_err(|e| match e {
+            CallError::Down(m) | CallError::Refused(m) => VerifyError::new(m),
+        })
+    }
+}
+
+impl Verifier for OneloopVerifier {
+    fn verify_now(&self, digest: &KeyDigest) -> Option<Verification> {
+        self.cache.as_ref()?.verify_now(digest)
+    }
+
+    fn verify(&self, request: VerifyRequest) -> BoxFuture<'static, Result<Verification, VerifyError>> {
+        match &self.cache {
+            Some(cache) => cache.verify(request),
+            None => self.upstream.verify(request),
+        }
+    }
+}
+
+impl fmt::Debug for OneloopVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let u = &self.upstream.0;
+        f.debug_struct("OneloopVerifier")
+            .field("base_url", &u.client.base_url)
+            .field("mode", &u.mode)
+            .field("timeout", &u.client.timeout)
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Configures a [`OneloopVerifier`].
+pub struct OneloopBuilder {
+    token: String,
+    base_url: String,
+    timeout: Duration,
+    client: Option<reqwest::Client>,
+    mode: Mode,
+    cache: CacheConfig,
+    breaker: BreakerConfig,
+}
+
+impl OneloopBuilder {
+    /// The server (default [`DEFAULT_BASE_URL`]): for tests and self-hosted peers.
+    pub fn base_url(mut self, url: impl Into<String>) -> Self {
+        self.base_url = url.into();
+        self
+    }
+
+    /// The time allowed for one call (default 300 ms).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Your own `reqwest::Client` (proxies, pools, TLS roots).
+    pub fn client(mut self, client: reqwest::Client) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// Cached (default) or per-request; see the [module docs](self).
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// The cache's settings, in cached mode.
+    pub fn cache(mut self, config: CacheConfig) -> Self {
+        self.cache = config;
+        self
+    }
+
+    /// The circuit breaker's settings.
+    pub fn breaker(mut self, config: BreakerConfig) -> Self {
+        self.breaker = config;
+        self
+    }
+
+    /// Checks the settings and builds the verifier.
+    pub fn build(self) -> Result<OneloopVerifier, BuildError> {
+        let bad = |m: &str| Err(BuildError::Verifier(m.into()));
+        if self.token.is_empty() || !self.token.bytes().all(|b| b.is_ascii_graphic()) {
+            return bad("the Oneloop workspace token must be non-empty visible ASCII");
+        }
+        let url = match reqwest::Url::parse(&self.base_url) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => url,
+            _ => return bad("the Oneloop base URL must be an http(s) URL"),
+        };
+        if self.timeout.is_zero() {
+            return bad("the Oneloop timeout must be above zero");
+        }
+        let http = match self.client {
+            Some(client) => client,
+            None => reqwest::Client::builder()
+                .pool_idle_timeout(Duration::from_secs(60))
+                .build()
+                .map_err(|e| BuildError::Verifier(format!("HTTP client: {e}")))?,
+        };
+        let client = Client {
+            http,
+            base_url: url.as_str().trim_end_matches('/').to_owned(),
+            token: self.token,
+            timeout: self.timeout,
+            warned_token: AtomicBool::new(false),
+        };
+        let upstream =
+            Upstream(Arc::new(UpstreamInner { client, breaker: Breaker::new(self.breaker), mode: self.mode }));
+        let cache = (self.mode == Mode::Cached).then(|| CachedVerifier::new(upstream.clone(), self.cache));
+        Ok(OneloopVerifier { upstream, cache })
+    }
+}
+
+impl fmt::Debug for OneloopBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OneloopBuilder")
+            .field("base_url", &self.base_url)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The uncached calls, behind the circuit breaker.
+#[derive(Clone)]
+struct Upstream(Arc<UpstreamInner>);
+
+struct UpstreamInner {
+    client: Client,
+    breaker: Breaker,
+    mode: Mode,
+}
+
+impl Verifier for Upstream {
+    fn verify(&self, request: VerifyRequest) -> BoxFuture<'static, Result<Verification, VerifyError>> {
+        let this = self.0.clone();
+        Box::pin(async move {
+            let permit = this
+                .breaker
+                .permit()
+                .map_err(|wait| VerifyError::new("Oneloop circuit open").with_retry_after(wait))?;
+            // Cached mode asks what the key is, for every route; per-request mode asks for this one.
+            let per_request = this.mode == Mode::PerRequest;
+            let body = VerifyBody {
+                key: request.key.expose_secret(),
+                requested_scopes: request.scope.iter().filter(|_| per_request).map(|s| s.to_scope()).collect(),
+                route: request.route.as_deref().filter(|_| per_request),
+                billing: request
+                    .billing
+                    .as_ref()
+                    .filter(|_| per_request)
+                    .map(|b| BillingBody { usage: b.usage.to_string(), usage_name: b.usage_name.as_deref() }),
+                rate_limit_config: request
+                    .rate_limit
+                    .as_ref()
+                    .filter(|_| per_request)
+                    .map(|r| RateLimitBody { id: &r.id, limit: r.limit }),
+            };
+            let result = this.client.verify(&body).await.and_then(|response| {
+                response.into_verification().map_err(|m| CallError::Down(format!("Oneloop verify: {m}")))
+            });
+            match result {
+                Ok(verification) => {
+                    permit.success();
+                    Ok(verification)
+                }
+                Err(CallError::Down(message)) => {
+                    permit.failure();
+                    Err(VerifyError::new(message))
+                }
+                Err(CallError::Refused(message)) => {
+                    permit.success();
+                    Err(VerifyError::new(message))
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,97 @@
+//! The verification cache on its own, with a scripted verifier: bounds, ordering of answers,
+//! invalidation.
+
+use keygate::cache::{CacheConfig, CachedVerifier};
+use keygate::verify::{BoxFuture, Verification, Verifier, VerifyError, VerifyRequest};
+use keygate::{ApiKey, KeyFacts, KeyStatus};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Answers calls in order from a script of (delay, status); counts calls.
+#[derive(Default, Clone)]
+struct Scripted {
+    script: Arc<Mutex<VecDeque<(Duration, KeyStatus)>>>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Verifier for Scripted {
+    fn verify(&self, _: VerifyRequest) -> BoxFuture<'static, Result<Verification, VerifyError>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let (delay, status) = self.script.lock().unwrap().pop_front().unwrap_or((Duration::ZERO, KeyStatus::Invalid));
+        Box::pin(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            Ok(Verification::new(status, Arc::new(KeyFacts::new("k"))))
+        })
+    }
+}
+
+fn request(key: &str) -> VerifyRequest {
+    VerifyRequest::new(ApiKey::new(key))
+}
+
+#[tokio::test]
+async fn an_older_valid_never_overwrites_a_newer_refusal() {
+    let scripted = Scripted::default();
+    scripted.script.lock().unwrap().extend([
+        (Duration::from_millis(300), KeyStatus::Valid), // slow, started before the revocation
+        (Duration::from_millis(10), KeyStatus::Disabled), // fast, started after it
+    ]);
+    let cache = CachedVerifier::new(scripted.clone(), CacheConfig::default());
+    let digest = ApiKey::new("k").digest();
+
+    let slow = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.verify(request("k")).await.unwrap().status }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    cache.invalidate("k");
+    // A request after the revocation does not join the older call: it makes its own.
+    assert_eq!(cache.verify(request("k")).await.unwrap().status, KeyStatus::Disabled);
+    assert_eq!(slow.await.unwrap(), KeyStatus::Valid, "the older caller gets its own answer");
+    assert_eq!(scripted.calls.load(Ordering::SeqCst), 2);
+    assert_eq!(cache.verify_now(&digest).map(|v| v.status), Some(KeyStatus::Disabled));
+}
+
+#[tokio::test]
+async fn invalidate_all_discards_answers_in_flight() {
+    let scripted = Scripted::default();
+    scripted.script.lock().unwrap().push_back((Duration::from_millis(100), KeyStatus::Valid));
+    let cache = CachedVerifier::new(scripted.clone(), CacheConfig::default());
+    let call = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.verify(request("k")).await.unwrap().status }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    cache.invalidate_all();
+    assert_eq!(call.await.unwrap(), KeyStatus::Valid);
+    assert_eq!(cache.verify_now(&ApiKey::new("k").digest()), None, "not stored");
+}
+
+#[tokio::test]
+async fn negative_answers_live_the_negative_ttl() {
+    let scripted = Scripted::default();
+    let config = CacheConfig::default().negative_ttl(Duration::from_millis(100));
+    let cache = CachedVerifier::new(scripted.clone(), config);
+    let digest = ApiKey::new("nope").digest();
+    assert_eq!(cache.verify(request("nope")).await.unwrap().status, KeyStatus::Invalid);
+    assert_eq!(cache.verify_now(&digest).map(|v| v.status), Some(KeyStatus::Invalid));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(cache.verify_now(&digest), None);
+}
+
+#[tokio::test]
+async fn the_cache_stays_within_its_bound() {
+    let scripted = Scripted::default();
+    let cache = CachedVerifier::new(scripted.clone(), CacheConfig::default().max_entries(1000));
+    for i in 0..100_000u32 {
+        assert_eq!(cache.verify(request(&format!("key-{i}"))).await.unwrap().status, KeyStatus::Invalid);
+    }
+    cache.run_pending_tasks();
+    assert!(cache.entry_count() <= 1000, "{} entries", cache.entry_count());
+    assert_eq!(scripted.calls.load(Ordering::SeqCst), 100_000);
+    assert_eq!(cache.in_flight(), 0, "no flight is left behind");
+}
