@@ -321,3 +321,20 @@ async fn a_flood_of_forged_keys_costs_no_upstream_call_and_no_cache_entry() {
     assert_eq!(call(&s.app, "GET", "/v1/items", good.expose_secret()).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(fake.calls(), 1);
 }
+
+#[tokio::test]
+async fn record_usage_follows_the_spec() {
+    let (addr, fake) = start().await;
+    let s = setup(addr, |b| b, |l| l);
+    let key = keygate::ApiKey::new("key-a");
+    s.oneloop.record_usage(&key, 7, Some("tokens")).await.unwrap();
+    s.oneloop.record_usage(&key, 3, Some("tokens")).await.unwrap();
+    s.oneloop.record_usage(&key, 1, None).await.unwrap();
+    let usage = fake.usage.lock().unwrap().clone();
+    assert_eq!(usage[&("key-a".to_owned(), Some("tokens".to_owned()))], 10);
+    assert_eq!(usage[&("key-a".to_owned(), None)], 1);
+    fake.set(Behaviour::Status500);
+    let err = s.oneloop.record_usage(&key, 1, None).await.unwrap_err();
+    assert!(!err.to_string().contains("key-a"), "{err}");
+    fake.assert_no_violations();
+}
