@@ -1,7 +1,9 @@
 //! What a handler learns about the caller: [`VerifiedKey`], put in the request's extensions by the
 //! gate, and an axum extractor for it (feature `axum`).
 
+use crate::limit::{most_restrictive, LimitState};
 use crate::scope::Scope;
+use crate::usage::UsageHandle;
 use crate::verify::KeyFacts;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -30,16 +32,41 @@ pub struct VerifiedKey {
     facts: Arc<KeyFacts>,
     stale: bool,
     fail_open: bool,
+    rate_limits: Vec<LimitState>,
+    usage: UsageHandle,
 }
 
 impl VerifiedKey {
     pub(crate) fn new(facts: Arc<KeyFacts>, stale: bool) -> Self {
-        Self { facts, stale, fail_open: false }
+        Self { facts, stale, fail_open: false, rate_limits: Vec::new(), usage: UsageHandle::none() }
     }
 
     /// A request let through unverified because the verifier failed and the layer fails open.
     pub(crate) fn fail_open() -> Self {
-        Self { facts: Arc::default(), stale: false, fail_open: true }
+        Self { fail_open: true, ..Self::new(Arc::default(), false) }
+    }
+
+    pub(crate) fn set_usage(&mut self, usage: UsageHandle) {
+        self.usage = usage;
+    }
+
+    pub(crate) fn set_rate_limits(&mut self, states: Vec<LimitState>) {
+        self.rate_limits = states;
+    }
+
+    /// The state of every rate limit this request passed.
+    pub fn rate_limits(&self) -> &[LimitState] {
+        &self.rate_limits
+    }
+
+    /// The rate limit closest to refusing (fewest requests left), if any applied.
+    pub fn rate_limit(&self) -> Option<&LimitState> {
+        most_restrictive(&self.rate_limits)
+    }
+
+    /// Adds usage to this key after the fact; see [`UsageHandle`].
+    pub fn usage(&self) -> &UsageHandle {
+        &self.usage
     }
 
     /// Whether the request was let in *without* verification, because the verifier could not

@@ -1,12 +1,11 @@
 //! [`ResponseFuture`]: the inner service's future, a ready rejection, or a verification in flight.
 
 use crate::body::ResponseBody;
-use crate::context::VerifiedKey;
-use crate::gate::Gate;
+use crate::gate::{Gate, Passed};
 use crate::reject::Rejection;
 use crate::verify::BoxFuture;
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{HeaderMap, Request, Response};
 use pin_project_lite::pin_project;
 use std::future::Future;
 use std::pin::Pin;
@@ -31,10 +30,10 @@ pin_project! {
     where
         S: Service<Request<ReqB>>,
     {
-        Called { #[pin] future: S::Future },
+        Called { #[pin] future: S::Future, headers: Option<HeaderMap> },
         Rejected { response: Option<Response<Bytes>> },
         Verifying {
-            verdict: BoxFuture<'static, Result<VerifiedKey, Rejection>>,
+            verdict: BoxFuture<'static, Result<Passed, Rejection>>,
             waiting: Option<(Request<ReqB>, S)>,
             gate: Arc<Gate>,
         },
@@ -42,8 +41,8 @@ pin_project! {
 }
 
 impl<S: Service<Request<ReqB>>, ReqB> ResponseFuture<S, ReqB> {
-    pub(crate) fn called(future: S::Future) -> Self {
-        Self { state: State::Called { future } }
+    pub(crate) fn called(future: S::Future, headers: Option<HeaderMap>) -> Self {
+        Self { state: State::Called { future, headers } }
     }
 
     pub(crate) fn rejected(response: Response<Bytes>) -> Self {
@@ -51,7 +50,7 @@ impl<S: Service<Request<ReqB>>, ReqB> ResponseFuture<S, ReqB> {
     }
 
     pub(crate) fn pending(
-        verdict: BoxFuture<'static, Result<VerifiedKey, Rejection>>,
+        verdict: BoxFuture<'static, Result<Passed, Rejection>>,
         req: Request<ReqB>,
         inner: S,
         gate: Arc<Gate>,
@@ -69,8 +68,12 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             let next = match self.as_mut().project().state.project() {
-                StateProj::Called { future } => {
-                    return future.poll(cx).map_ok(|res| res.map(ResponseBody::new));
+                StateProj::Called { future, headers } => {
+                    let mut res = ready!(future.poll(cx))?;
+                    if let Some(headers) = headers.take() {
+                        res.headers_mut().extend(headers);
+                    }
+                    return Poll::Ready(Ok(res.map(ResponseBody::new)));
                 }
                 StateProj::Rejected { response } => {
                     let response = response.take().expect("ResponseFuture polled after completion");
@@ -80,9 +83,11 @@ where
                     let verdict = ready!(verdict.as_mut().poll(cx));
                     let (mut req, mut inner) = waiting.take().expect("ResponseFuture polled after completion");
                     match verdict {
-                        Ok(key) => {
-                            req.extensions_mut().insert(key);
-                            State::Called { future: inner.call(req) }
+                        Ok((key, headers)) => {
+                            if let Some(key) = key {
+                                req.extensions_mut().insert(key);
+                            }
+                            State::Called { future: inner.call(req), headers }
                         }
                         Err(rejection) => State::Rejected { response: Some(gate.respond(&rejection)) },
                     }

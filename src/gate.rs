@@ -1,15 +1,18 @@
 //! The gate: one request's straight line, from key to verdict.
 //!
-//! `preflight? ─► route & scope ─► extract key ─► format check ─► verify (now, or later) ─► decide`
+//! `preflight? ─► route & scope ─► extract key ─► format check ─► verify (now, or later) ─► decide
+//! ─► enforce (usage allowance, rate limits, charge)`
 
 use crate::context::VerifiedKey;
 use crate::extract::Extractor;
 use crate::key::{ApiKey, KeyDigest, KeyFormat, Redacted};
+use crate::limit::{self, HeaderStyle, LimitState, LimitVerdict, Limiter, RateLimit};
 use crate::reject::{Rejection, Responder};
-use crate::scope::{Action, RequiredScope, Route, ScopeMap, Unmapped};
-use crate::verify::{BoxFuture, KeyStatus, Verification, Verifier, VerifyRequest};
+use crate::scope::{Action, RequiredScope, Route, RouteEntry, ScopeMap, Unmapped};
+use crate::usage::{allowance, Meter, UsageHandle, UsageOf};
+use crate::verify::{Billing, BoxFuture, KeyStatus, RateLimitConfig, Verification, Verifier, VerifyRequest};
 use bytes::Bytes;
-use http::{Method, Request, Response};
+use http::{HeaderMap, Method, Request, Response};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -28,31 +31,45 @@ pub(crate) struct Gate {
     pub(crate) fail_open: bool,
     /// Requests let through unverified by `fail_open`.
     pub(crate) fail_open_count: AtomicU64,
+    pub(crate) limiter: Arc<dyn Limiter>,
+    /// Limits on every gated request.
+    pub(crate) limits: Vec<RateLimit>,
+    /// A metadata field holding a key's own limit, such as `100/60s`.
+    pub(crate) metadata_limit: Option<String>,
+    pub(crate) header_style: HeaderStyle,
+    pub(crate) meter: Arc<Meter>,
+    /// `402` instead of `429` for spent usage allowances.
+    pub(crate) usage_payment_required: bool,
 }
+
+/// A request let through: its verified key (if any) and the rate-limit headers for its response.
+pub(crate) type Passed = (Option<VerifiedKey>, Option<HeaderMap>);
 
 /// The gate's verdict on a request, as far as it can tell without waiting.
 pub(crate) enum Admission {
-    /// Let it through, with the verified key if there is one.
-    Pass(Option<VerifiedKey>),
-    /// Refuse it.
+    Pass(Passed),
     Reject(Rejection),
-    /// The verifier needs I/O: wait for this.
-    Pending(BoxFuture<'static, Result<VerifiedKey, Rejection>>),
+    /// The verifier or the limiter needs I/O: wait for this.
+    Pending(BoxFuture<'static, Result<Passed, Rejection>>),
 }
 
 impl Gate {
     pub(crate) fn admit<B>(self: &Arc<Self>, req: &mut Request<B>) -> Admission {
         if self.allow_preflight && is_preflight(req) {
-            return Admission::Pass(None);
+            return Admission::Pass((None, None));
         }
-        let required = match self.required_scope(req) {
-            Ok(Some(required)) => required,
-            Ok(None) => return Admission::Pass(None),
+        let entry = match self.routes.resolve(matched_path(req), req.uri().path()) {
+            Ok(entry) => entry,
+            Err(rejection) => return self.refuse(rejection, None),
+        };
+        let scope = match self.required_scope(entry, req.method()) {
+            Ok(Some(scope)) => scope,
+            Ok(None) => return Admission::Pass((None, None)),
             Err(rejection) => return self.refuse(rejection, None),
         };
         let found = match self.extractor.extract(req) {
             Ok(Some(found)) => found,
-            Ok(None) if self.optional => return Admission::Pass(None),
+            Ok(None) if self.optional => return Admission::Pass((None, None)),
             Ok(None) => return self.refuse(Rejection::MissingKey, None),
             Err(rejection) => return self.refuse(rejection, None),
         };
@@ -60,18 +77,19 @@ impl Gate {
             return self.refuse(Rejection::InvalidKey(KeyStatus::Invalid), Some(&found.key));
         }
         let digest = KeyDigest::of(&found.key);
-        let verdict = match self.verifier.verify_now(&digest) {
-            Some(verification) => Ok(self.decide(verification, required.scope.as_ref())),
-            None => Err(ApiKey::new(&*found.key)),
-        };
-        let source = found.source;
+        let verification = self.verifier.verify_now(&digest);
+        // The raw key outlives this borrow only where something needs it: the async verifier, or
+        // a usage sink that reports by key.
+        let raw = (verification.is_none() || self.meter.needs_key()).then(|| ApiKey::new(&*found.key));
         if self.hide_credentials {
-            self.extractor.hide(source, req);
+            self.extractor.hide(found.source, req);
         }
-        match verdict {
-            Ok(Ok(key)) => Admission::Pass(Some(key)),
-            Ok(Err(rejection)) => Admission::Reject(rejection),
-            Err(key) => Admission::Pending(self.verify_later(key, digest, required)),
+        let Some(verification) = verification else {
+            return Admission::Pending(self.verify_later(raw.expect("kept for the verifier"), digest, scope, entry));
+        };
+        match self.decide(verification, scope.as_ref()) {
+            Ok(key) => self.enforce(key, entry, raw),
+            Err(rejection) => Admission::Reject(rejection),
         }
     }
 
@@ -79,47 +97,58 @@ impl Gate {
         self: &Arc<Self>,
         key: ApiKey,
         digest: KeyDigest,
-        required: Required,
-    ) -> BoxFuture<'static, Result<VerifiedKey, Rejection>> {
-        let gate = Arc::clone(self);
-        let mut request = VerifyRequest::hashed(digest, key);
-        request.scope = required.scope.clone();
-        request.route = required.template;
+        scope: Option<RequiredScope>,
+        entry: &Arc<RouteEntry>,
+    ) -> BoxFuture<'static, Result<Passed, Rejection>> {
+        let mut request = VerifyRequest::hashed(digest, key.clone());
+        request.scope = scope.clone();
+        request.route = entry.template.clone();
+        request.billing = entry
+            .policy
+            .usage
+            .as_ref()
+            .map(|u| Billing { usage: u.amount, usage_name: u.name.as_deref().map(str::to_owned) });
+        request.rate_limit =
+            entry.policy.limits.first().map(|l| RateLimitConfig { id: l.name().to_owned(), limit: l.limit() });
+        let raw = self.meter.needs_key().then(|| key.clone());
         let verification = self.verifier.verify(request);
+        let (gate, entry) = (Arc::clone(self), Arc::clone(entry));
         Box::pin(async move {
-            match verification.await {
-                Ok(verification) => gate.decide(verification, required.scope.as_ref()),
+            let verification = match verification.await {
+                Ok(verification) => verification,
                 Err(error) if gate.fail_open => {
                     gate.fail_open_count.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%error, "keygate: verifier failed; failing OPEN, request let through unverified");
-                    Ok(VerifiedKey::fail_open())
+                    return Ok((Some(VerifiedKey::fail_open()), None));
                 }
                 Err(error) => {
                     tracing::warn!(%error, "keygate: verifier failed; refusing with 503");
-                    Err(Rejection::Unavailable {
-                        retry_after: error.retry_after().unwrap_or(gate.unavailable_retry_after),
-                    })
+                    let retry_after = error.retry_after().unwrap_or(gate.unavailable_retry_after);
+                    return Err(Rejection::Unavailable { retry_after });
                 }
+            };
+            let key = gate.decide(verification, scope.as_ref())?;
+            match gate.enforce(key, &entry, raw) {
+                Admission::Pass(passed) => Ok(passed),
+                Admission::Reject(rejection) => Err(rejection),
+                Admission::Pending(limits) => limits.await,
             }
         })
     }
 
-    /// What the route asks: `Ok(None)` for a public route.
-    fn required_scope<B>(&self, req: &Request<B>) -> Result<Option<Required>, Rejection> {
-        let entry = self.routes.resolve(matched_path(req), req.uri().path())?;
-        let template = entry.template.clone();
-        let scope = match &entry.route {
-            Route::Public => return Ok(None),
+    /// What the route asks: `Ok(None)` for a public route, `Ok(Some(None))` for any valid key.
+    fn required_scope(&self, entry: &RouteEntry, method: &Method) -> Result<Option<Option<RequiredScope>>, Rejection> {
+        match &entry.route {
+            Route::Public => Ok(None),
             Route::Resource(representation) => {
-                let action = Action::from_method(req.method()).ok_or(Rejection::UnmappedRoute)?;
-                Some(RequiredScope { representation: representation.clone(), action })
+                let action = Action::from_method(method).ok_or(Rejection::UnmappedRoute)?;
+                Ok(Some(Some(RequiredScope { representation: representation.clone(), action })))
             }
             Route::Unmapped => match self.routes.unmapped_policy() {
-                Unmapped::AnyValidKey => None,
-                Unmapped::Deny => return Err(Rejection::UnmappedRoute),
+                Unmapped::AnyValidKey => Ok(Some(None)),
+                Unmapped::Deny => Err(Rejection::UnmappedRoute),
             },
-        };
-        Ok(Some(Required { scope, template }))
+        }
     }
 
     /// The decision on a verifier's answer, made per request from the key's facts.
@@ -129,8 +158,10 @@ impl Gate {
             KeyStatus::InvalidScopes => {
                 Some(required.cloned().map_or(Rejection::UnmappedRoute, Rejection::InsufficientScope))
             }
-            KeyStatus::RateLimited => Some(Rejection::RateLimited { retry_after: retry_after(&verification) }),
-            KeyStatus::UsageLimited => Some(Rejection::UsageLimited),
+            KeyStatus::RateLimited => {
+                Some(Rejection::RateLimited { retry_after: retry_after(&verification), limit: None })
+            }
+            KeyStatus::UsageLimited => Some(Rejection::UsageLimited { payment_required: self.usage_payment_required }),
             status => Some(Rejection::InvalidKey(status)),
         };
         let facts = match (refused, verification.facts) {
@@ -149,6 +180,99 @@ impl Gate {
         Ok(VerifiedKey::new(facts, verification.stale))
     }
 
+    /// Usage allowance, then rate limits (all or nothing), then the charge. A request refused at any
+    /// step is charged nothing.
+    fn enforce(self: &Arc<Self>, mut key: VerifiedKey, entry: &RouteEntry, raw: Option<ApiKey>) -> Admission {
+        let facts = key.facts().clone();
+        let usage = entry.policy.usage.clone();
+        let amount = usage.as_ref().map_or(0, |u| u.amount);
+        if let Some(allowed) = allowance(&facts).filter(|_| amount > 0) {
+            if !self.meter.ledger.reserve(&facts.id, allowed, amount) {
+                let rejection = Rejection::UsageLimited { payment_required: self.usage_payment_required };
+                return Admission::Reject(self.log(rejection, Some(&facts.id)));
+            }
+        }
+        key.set_usage(UsageHandle::new(self.meter.clone(), facts.clone(), raw));
+        let limits = self.limits_for(&facts, entry);
+        if limits.is_empty() {
+            self.charge(&key, usage.as_ref());
+            return Admission::Pass((Some(key), None));
+        }
+        let finish = move |gate: &Gate, verdict: Result<LimitVerdict, limit::LimitError>| {
+            let refund = || {
+                if amount > 0 {
+                    gate.meter.ledger.refund(&key.facts().id, amount);
+                }
+            };
+            match verdict {
+                Ok(Ok(states)) => {
+                    gate.charge(&key, usage.as_ref());
+                    let headers = gate.rate_limit_headers(&states);
+                    key.set_rate_limits(states);
+                    Ok((Some(key), headers))
+                }
+                Ok(Err(denied)) => {
+                    refund();
+                    let rejection =
+                        Rejection::RateLimited { retry_after: denied.retry_after, limit: Some(denied.limit) };
+                    Err(gate.log(rejection, Some(&key.facts().id)))
+                }
+                Err(error) => {
+                    refund();
+                    tracing::warn!(%error, "keygate: rate limiter failed; refusing with 503");
+                    Err(Rejection::Unavailable { retry_after: gate.unavailable_retry_after })
+                }
+            }
+        };
+        match self.limiter.check_now(&facts.id, &limits) {
+            Some(verdict) => match finish(self, Ok(verdict)) {
+                Ok(passed) => Admission::Pass(passed),
+                Err(rejection) => Admission::Reject(rejection),
+            },
+            None => {
+                let (gate, check) = (Arc::clone(self), self.limiter.check(&facts.id, &limits));
+                Admission::Pending(Box::pin(async move { finish(&gate, check.await) }))
+            }
+        }
+    }
+
+    /// The layer's, the route's and the key's limits, each at the route's cost.
+    fn limits_for(&self, facts: &crate::verify::KeyFacts, entry: &RouteEntry) -> Vec<(RateLimit, u64)> {
+        let from_metadata = self.metadata_limit.as_deref().and_then(|field| {
+            let text = facts.metadata.get(field)?;
+            let parsed = parse_limit(text);
+            if parsed.is_none() {
+                tracing::debug!(key_id = %facts.id, field, "keygate: unreadable rate limit in key metadata; ignored");
+            }
+            parsed
+        });
+        let cost = entry.policy.cost;
+        self.limits
+            .iter()
+            .chain(&entry.policy.limits)
+            .chain(&facts.rate_limit)
+            .cloned()
+            .chain(from_metadata)
+            .map(|l| (l, cost))
+            .collect()
+    }
+
+    fn charge(&self, key: &VerifiedKey, usage: Option<&crate::usage::RouteUsage>) {
+        if let Some(u) = usage {
+            let of = UsageOf { key_id: &key.facts().id, key: key.usage().key() };
+            self.meter.charge(of, u.name.as_deref(), u.amount);
+        }
+    }
+
+    fn rate_limit_headers(&self, states: &[LimitState]) -> Option<HeaderMap> {
+        if self.header_style == HeaderStyle::Off || states.is_empty() {
+            return None;
+        }
+        let mut headers = HeaderMap::new();
+        limit::apply_headers(&mut headers, self.header_style, states);
+        Some(headers)
+    }
+
     fn refuse(&self, rejection: Rejection, key: Option<&str>) -> Admission {
         if let Some(key) = key {
             tracing::debug!(%rejection, key = %Redacted::of(key), "keygate: refused");
@@ -163,21 +287,33 @@ impl Gate {
         rejection
     }
 
+    /// The responder's response, with the rate-limit headers of a `429`.
     pub(crate) fn respond(&self, rejection: &Rejection) -> Response<Bytes> {
-        self.responder.respond(rejection)
+        let mut response = self.responder.respond(rejection);
+        if let Rejection::RateLimited { retry_after, limit: Some(limit) } = rejection {
+            let state = LimitState { limit: limit.clone(), remaining: 0, reset: *retry_after };
+            limit::apply_headers(response.headers_mut(), self.header_style, &[state]);
+        }
+        response
     }
+}
+
+/// A limit written as `100/60s`, `100/s`, `100/min` or `100/h`.
+fn parse_limit(text: &str) -> Option<RateLimit> {
+    let (n, per) = text.trim().split_once('/')?;
+    let window = match per.trim() {
+        "s" | "sec" | "second" => Duration::from_secs(1),
+        "m" | "min" | "minute" => Duration::from_secs(60),
+        "h" | "hour" => Duration::from_secs(3600),
+        secs => Duration::from_secs(secs.strip_suffix('s')?.parse().ok()?),
+    };
+    RateLimit::new("key", n.trim().parse().ok()?, window).ok()
 }
 
 /// Until the verifier's reported reset, or a second when it reported none.
 fn retry_after(verification: &Verification) -> Duration {
     let reset = verification.rate_limit.map(|r| r.reset_at.duration_since(SystemTime::now()).unwrap_or_default());
     reset.unwrap_or(Duration::from_secs(1))
-}
-
-/// What a non-public route asks: a scope (or none, for an unmapped route) and its template.
-struct Required {
-    scope: Option<RequiredScope>,
-    template: Option<Arc<str>>,
 }
 
 fn is_preflight<B>(req: &Request<B>) -> bool {
@@ -192,4 +328,17 @@ fn matched_path<B>(req: &Request<B>) -> Option<&str> {
 #[cfg(not(feature = "axum"))]
 fn matched_path<B>(_: &Request<B>) -> Option<&str> {
     None
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn metadata_limits() {
+        let l = super::parse_limit("100/60s").unwrap();
+        assert_eq!((l.limit(), l.window().as_secs()), (100, 60));
+        assert_eq!(super::parse_limit(" 5 / min ").unwrap().window().as_secs(), 60);
+        for bad in ["", "100", "0/s", "x/s", "100/fortnight", "-1/s"] {
+            assert!(super::parse_limit(bad).is_none(), "{bad}");
+        }
+    }
 }

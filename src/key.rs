@@ -14,7 +14,7 @@ use std::fmt;
 /// assert_eq!(format!("{key:?}"), "ApiKey(\"kg_0…\")");
 /// assert_eq!(key.expose_secret(), "kg_0123456789abcdefghijklmnopqrstuvwxyz");
 /// ```
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct ApiKey(Box<str>);
 
 impl ApiKey {

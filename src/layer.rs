@@ -3,9 +3,11 @@
 use crate::extract::{Extractor, KeySource};
 use crate::gate::Gate;
 use crate::key::KeyFormat;
+use crate::limit::{HeaderStyle, Limiter, MemoryLimiter, RateLimit};
 use crate::reject::{ProblemJson, Responder};
 use crate::scope::ScopeMap;
 use crate::service::ApiKeyService;
+use crate::usage::{Meter, UsageSink};
 use crate::verify::Verifier;
 use std::fmt;
 use std::sync::Arc;
@@ -61,6 +63,12 @@ impl ApiKeyLayer {
             responder: Box::new(ProblemJson),
             unavailable_retry_after: Duration::from_secs(1),
             fail_open: false,
+            limiter: None,
+            limits: Vec::new(),
+            metadata_limit: None,
+            header_style: HeaderStyle::default(),
+            sink: None,
+            usage_payment_required: false,
         }
     }
 
@@ -110,6 +118,12 @@ pub struct ApiKeyLayerBuilder {
     responder: Box<dyn Responder>,
     unavailable_retry_after: Duration,
     fail_open: bool,
+    limiter: Option<Arc<dyn Limiter>>,
+    limits: Vec<RateLimit>,
+    metadata_limit: Option<String>,
+    header_style: HeaderStyle,
+    sink: Option<Arc<dyn UsageSink>>,
+    usage_payment_required: bool,
 }
 
 impl ApiKeyLayerBuilder {
@@ -186,6 +200,44 @@ impl ApiKeyLayerBuilder {
         self
     }
 
+    /// A rate limit on every gated request, per key (on top of route and key limits).
+    pub fn rate_limit(mut self, limit: RateLimit) -> Self {
+        self.limits.push(limit);
+        self
+    }
+
+    /// Where rate-limit counters live (default: a [`MemoryLimiter`] per layer).
+    pub fn limiter(mut self, limiter: impl Limiter) -> Self {
+        self.limiter = Some(Arc::new(limiter));
+        self
+    }
+
+    /// Reads a key's own rate limit from this metadata field, written `100/60s`, `100/s`, `100/min`
+    /// or `100/h`. Unreadable values are ignored.
+    pub fn rate_limit_from_metadata(mut self, field: &str) -> Self {
+        self.metadata_limit = Some(field.to_owned());
+        self
+    }
+
+    /// Which rate-limit headers responses carry (default: the IETF `RateLimit` and
+    /// `RateLimit-Policy`).
+    pub fn rate_limit_headers(mut self, style: HeaderStyle) -> Self {
+        self.header_style = style;
+        self
+    }
+
+    /// Where usage is reported, such as a Oneloop [`UsageBatcher`](crate::usage::UsageBatcher).
+    pub fn usage_sink(mut self, sink: impl UsageSink) -> Self {
+        self.sink = Some(Arc::new(sink));
+        self
+    }
+
+    /// Answer a spent usage allowance with `402 Payment Required` instead of `429`.
+    pub fn usage_limit_payment_required(mut self, yes: bool) -> Self {
+        self.usage_payment_required = yes;
+        self
+    }
+
     /// Checks the configuration and builds the layer.
     pub fn build(mut self) -> Result<ApiKeyLayer, BuildError> {
         if let Some(error) = self.routes.take_error() {
@@ -219,6 +271,12 @@ impl ApiKeyLayerBuilder {
             unavailable_retry_after: self.unavailable_retry_after,
             fail_open: self.fail_open,
             fail_open_count: Default::default(),
+            limiter: self.limiter.unwrap_or_else(|| Arc::new(MemoryLimiter::new())),
+            limits: self.limits,
+            metadata_limit: self.metadata_limit,
+            header_style: self.header_style,
+            meter: Arc::new(Meter { ledger: Default::default(), sink: self.sink }),
+            usage_payment_required: self.usage_payment_required,
         };
         Ok(ApiKeyLayer { gate: Arc::new(gate) })
     }

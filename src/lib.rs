@@ -4,6 +4,7 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod body;
+#[cfg(feature = "oneloop")]
 pub mod breaker;
 pub mod cache;
 mod context;
@@ -12,10 +13,12 @@ mod future;
 mod gate;
 mod key;
 mod layer;
+pub mod limit;
 mod reject;
 mod scope;
 mod service;
 pub mod store;
+pub mod usage;
 pub mod verify;
 
 pub use body::ResponseBody;
@@ -26,8 +29,8 @@ pub use key::{ApiKey, InvalidPrefix, KeyDigest, KeyFormat, ParseDigestError, Red
 pub use layer::{ApiKeyLayer, ApiKeyLayerBuilder, BuildError, DEFAULT_MAX_KEY_LEN, MAX_MAX_KEY_LEN};
 pub use reject::{ProblemJson, Rejection, Responder};
 pub use scope::{
-    require, require_scope, Action, ParseScopeError, RequireLayer, RequireService, RequiredScope, Scope, ScopeMap,
-    Unmapped,
+    require, require_scope, Action, ParseScopeError, RequireLayer, RequireService, RequiredScope, RoutePolicy, Scope,
+    ScopeMap, Unmapped,
 };
 pub use service::ApiKeyService;
 pub use verify::local::CreatedKey;

@@ -5,6 +5,7 @@
 //! `429`/`503`. Unknown, expired, disabled and deleted keys share one body, so a client cannot
 //! tell a revoked key from one that never existed.
 
+use crate::limit::RateLimit;
 use crate::scope::RequiredScope;
 use crate::verify::KeyStatus;
 use bytes::Bytes;
@@ -35,9 +36,15 @@ pub enum Rejection {
     RateLimited {
         /// When the next request can pass.
         retry_after: Duration,
+        /// The limit that refused, when known (the verifier's own limits have no name here).
+        limit: Option<RateLimit>,
     },
-    /// The key's usage (credit) limit is spent. `429`.
-    UsageLimited,
+    /// The key's usage (credit) allowance would be exceeded. `429`, or `402` when the layer is
+    /// configured so.
+    UsageLimited {
+        /// Answer `402 Payment Required` instead of `429`.
+        payment_required: bool,
+    },
     /// No decision could be made (verifier unreachable, no safe cached answer). `503`.
     Unavailable {
         /// When to try again.
@@ -116,8 +123,8 @@ impl Rejection {
                 "Too many requests for this API key; retry after the time in Retry-After.",
                 None,
             ),
-            Self::UsageLimited => c(
-                S::TOO_MANY_REQUESTS,
+            Self::UsageLimited { payment_required } => c(
+                if *payment_required { S::PAYMENT_REQUIRED } else { S::TOO_MANY_REQUESTS },
                 "usage-limited",
                 "Usage limit exceeded",
                 "This API key has used all of its usage allowance.",
@@ -178,7 +185,7 @@ impl Rejection {
                     headers.insert(WWW_AUTHENTICATE, v);
                 }
             }
-            Self::RateLimited { retry_after } | Self::Unavailable { retry_after } => {
+            Self::RateLimited { retry_after, .. } | Self::Unavailable { retry_after } => {
                 let secs = retry_after_secs(*retry_after);
                 body["retry_after"] = secs.into();
                 headers.insert(RETRY_AFTER, HeaderValue::from(secs));

@@ -43,11 +43,11 @@ where
 
     fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
         match self.gate.admit(&mut req) {
-            Admission::Pass(key) => {
+            Admission::Pass((key, headers)) => {
                 if let Some(key) = key {
                     req.extensions_mut().insert(key);
                 }
-                ResponseFuture::called(self.inner.call(req))
+                ResponseFuture::called(self.inner.call(req), headers)
             }
             Admission::Reject(rejection) => ResponseFuture::rejected(self.gate.respond(&rejection)),
             Admission::Pending(verdict) => {

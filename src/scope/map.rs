@@ -2,7 +2,9 @@
 
 use super::path::{canonical, check};
 use crate::layer::BuildError;
+use crate::limit::RateLimit;
 use crate::reject::Rejection;
+use crate::usage::RouteUsage;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -18,14 +20,68 @@ pub(crate) enum Route {
     Unmapped,
 }
 
-/// A row of the table: the route and the template it was registered under.
+/// A row of the table: the route, the template it was registered under, and its policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RouteEntry {
     pub(crate) template: Option<Arc<str>>,
     pub(crate) route: Route,
+    pub(crate) policy: RoutePolicy,
 }
 
-static UNMAPPED: RouteEntry = RouteEntry { template: None, route: Route::Unmapped };
+/// What a route charges: its cost against rate limits, its own rate limits, and its usage.
+///
+/// ```
+/// use keygate::{RoutePolicy, ScopeMap};
+/// use keygate::limit::RateLimit;
+/// let routes = ScopeMap::new().route_with(
+///     "/v1/search",
+///     "search",
+///     RoutePolicy::new()
+///         .cost(5)                                                // counts 5 against every rate limit
+///         .rate_limit(RateLimit::per_minute("search", 100).unwrap())
+///         .usage(1, Some("searches")),                            // 1 credit of "searches" per request
+/// );
+/// # let _ = routes;
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutePolicy {
+    pub(crate) cost: u64,
+    pub(crate) limits: Vec<RateLimit>,
+    pub(crate) usage: Option<RouteUsage>,
+}
+
+impl RoutePolicy {
+    const DEFAULT: Self = Self { cost: 1, limits: Vec::new(), usage: None };
+
+    /// Cost 1, no limits of its own, no usage.
+    pub fn new() -> Self {
+        Self::DEFAULT
+    }
+
+    /// What one request counts against each rate limit (default 1).
+    pub fn cost(mut self, cost: u64) -> Self {
+        self.cost = cost;
+        self
+    }
+
+    /// A rate limit for this route only, on top of the layer's and the key's.
+    pub fn rate_limit(mut self, limit: RateLimit) -> Self {
+        self.limits.push(limit);
+        self
+    }
+
+    /// Usage charged per request: `amount` of `name` (Oneloop's `billing.usage` and `usageName`).
+    pub fn usage(mut self, amount: u64, name: Option<&str>) -> Self {
+        self.usage = Some(RouteUsage { amount, name: name.map(Arc::from) });
+        self
+    }
+}
+
+impl Default for RoutePolicy {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// What happens on a route that is not in the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -56,11 +112,12 @@ pub enum Unmapped {
 ///     .unmapped(Unmapped::Deny);
 /// # let _ = routes;
 /// ```
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct ScopeMap {
     matcher: matchit::Router<usize>,
     by_template: HashMap<Box<str>, usize>,
-    routes: Vec<RouteEntry>,
+    routes: Vec<Arc<RouteEntry>>,
+    unmapped_entry: Arc<RouteEntry>,
     unmapped: Unmapped,
     error: Option<BuildError>,
 }
@@ -68,20 +125,35 @@ pub struct ScopeMap {
 impl ScopeMap {
     /// An empty table: every route is unmapped.
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            matcher: matchit::Router::new(),
+            by_template: HashMap::new(),
+            routes: Vec::new(),
+            unmapped_entry: Arc::new(RouteEntry { template: None, route: Route::Unmapped, policy: RoutePolicy::new() }),
+            unmapped: Unmapped::default(),
+            error: None,
+        }
     }
 
     /// Requests on `template` need the method's action on `representation`.
     pub fn route(self, template: &str, representation: &str) -> Self {
+        self.route_with(template, representation, RoutePolicy::new())
+    }
+
+    /// Like [`route`](Self::route), with a cost, rate limits or usage.
+    pub fn route_with(self, template: &str, representation: &str, policy: RoutePolicy) -> Self {
         if representation.is_empty() {
             return self.fail(template, "the representation is empty".into());
         }
-        self.insert(template, Route::Resource(representation.into()))
+        if policy.cost == 0 {
+            return self.fail(template, "a route's cost is at least 1".into());
+        }
+        self.insert(template, Route::Resource(representation.into()), policy)
     }
 
     /// Requests on `template` need no key.
     pub fn public(self, template: &str) -> Self {
-        self.insert(template, Route::Public)
+        self.insert(template, Route::Public, RoutePolicy::new())
     }
 
     /// What happens on routes not in the table.
@@ -95,7 +167,7 @@ impl ScopeMap {
         self.unmapped
     }
 
-    fn insert(mut self, template: &str, route: Route) -> Self {
+    fn insert(mut self, template: &str, route: Route, policy: RoutePolicy) -> Self {
         if self.error.is_some() {
             return self;
         }
@@ -108,7 +180,7 @@ impl ScopeMap {
             return self.fail(template, e.to_string());
         }
         self.by_template.insert(template.into(), index);
-        self.routes.push(RouteEntry { template: Some(template.into()), route });
+        self.routes.push(Arc::new(RouteEntry { template: Some(template.into()), route, policy }));
         self
     }
 
@@ -123,7 +195,7 @@ impl ScopeMap {
 
     /// The route for a request: by axum's matched template when there is one in the table, else by
     /// the canonical path.
-    pub(crate) fn resolve(&self, matched: Option<&str>, path: &str) -> Result<&RouteEntry, Rejection> {
+    pub(crate) fn resolve(&self, matched: Option<&str>, path: &str) -> Result<&Arc<RouteEntry>, Rejection> {
         // Even a matched route or an empty table refuses an ambiguous path: the inner service may
         // read it differently from the router.
         check(path)?;
@@ -133,8 +205,14 @@ impl ScopeMap {
         let path = canonical(path)?;
         Ok(match self.matcher.at(&path) {
             Ok(m) => &self.routes[*m.value],
-            Err(_) => &UNMAPPED,
+            Err(_) => &self.unmapped_entry,
         })
+    }
+}
+
+impl Default for ScopeMap {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

@@ -7,11 +7,10 @@ mod map;
 mod path;
 mod require;
 
-pub use map::{ScopeMap, Unmapped};
+pub use map::{RoutePolicy, ScopeMap, Unmapped};
 pub use require::{require, require_scope, RequireLayer, RequireService};
 
 pub(crate) use map::Route;
-#[allow(unused_imports)]
 pub(crate) use map::RouteEntry;
 
 use http::Method;

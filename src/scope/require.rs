@@ -85,7 +85,7 @@ where
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         match self.rule.check(&req) {
-            Ok(()) => ResponseFuture::called(self.inner.call(req)),
+            Ok(()) => ResponseFuture::called(self.inner.call(req), None),
             Err(rejection) => ResponseFuture::rejected(rejection.to_response()),
         }
     }

@@ -11,10 +11,13 @@
 //! enabled = true                # optional, default true
 //! customer_id = "cus_42"        # optional
 //! metadata = { plan = "pro" }   # optional, string values
+//! rate_limit = { limit = 100, window_secs = 60 }   # optional, the key's own rate limit
+//! usage_limit = 10000           # optional, total usage allowed
 //! ```
 
 use super::StoredKey;
 use crate::key::KeyDigest;
+use crate::limit::RateLimit;
 use crate::scope::Scope;
 use crate::verify::KeyFacts;
 use serde::Deserialize;
@@ -69,6 +72,8 @@ struct Entry {
     customer_id: Option<String>,
     #[serde(default)]
     metadata: BTreeMap<String, String>,
+    rate_limit: Option<RateLimit>,
+    usage_limit: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -131,6 +136,8 @@ impl KeyFile {
                     expires_at: entry.expires_at.map(|s| UNIX_EPOCH + Duration::from_secs(s)),
                     metadata: entry.metadata.clone(),
                     customer_id: entry.customer_id.clone(),
+                    rate_limit: entry.rate_limit.clone(),
+                    usage_limit: entry.usage_limit.map(u128::from),
                     ..KeyFacts::default()
                 };
                 let stored = StoredKey { enabled: entry.enabled, ..StoredKey::new(facts) };

@@ -14,6 +14,7 @@ pub mod oneloop;
 pub use local::LocalVerifier;
 
 use crate::key::{ApiKey, KeyDigest};
+use crate::limit::RateLimit;
 use crate::scope::{RequiredScope, Scope};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -72,6 +73,10 @@ pub struct KeyFacts {
     pub billing: Option<BillingMeter>,
     /// Oneloop's `externalMeterId`.
     pub external_meter_id: Option<String>,
+    /// The key's own rate limit (local verifier), enforced with the layer's and the route's.
+    pub rate_limit: Option<RateLimit>,
+    /// The key's usage allowance in total (local verifier); Oneloop keys use `billing` instead.
+    pub usage_limit: Option<u128>,
 }
 
 /// A customer's credit meter, as Oneloop reports it. Amounts are whole credits.
@@ -139,6 +144,18 @@ impl KeyFacts {
     /// These facts with a customer.
     pub fn with_customer(mut self, customer_id: impl Into<String>) -> Self {
         self.customer_id = Some(customer_id.into());
+        self
+    }
+
+    /// These facts with a rate limit of the key's own.
+    pub fn with_rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rate_limit = Some(limit);
+        self
+    }
+
+    /// These facts with a usage allowance.
+    pub fn with_usage_limit(mut self, limit: u128) -> Self {
+        self.usage_limit = Some(limit);
         self
     }
 

@@ -168,6 +168,7 @@ impl VerifyResponse {
                 spend_cap: m.spend_cap.map(|c| c.0),
             }),
             external_meter_id: self.external_meter_id,
+            ..KeyFacts::default()
         };
         let mut verification = Verification::new(self.status, Arc::new(facts));
         verification.rate_limit =

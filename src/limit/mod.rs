@@ -1,0 +1,179 @@
+//! Rate limits: what a limit is ([`RateLimit`]), the [`Limiter`] that keeps the counters, and the
+//! response headers.
+//!
+//! Limits are counters, never cached facts: they live in the limiter (memory here, Redis with the
+//! `redis` feature), keyed by the verified key's id, never by the raw header, so random keys
+//! create no state.
+
+mod headers;
+mod memory;
+
+pub use headers::HeaderStyle;
+pub use memory::MemoryLimiter;
+
+pub(crate) use headers::{apply as apply_headers, most_restrictive};
+
+use crate::verify::BoxFuture;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// At most `limit` requests (or cost units) per `window`, under a name.
+///
+/// ```
+/// use keygate::limit::RateLimit;
+/// use std::time::Duration;
+/// let per_minute = RateLimit::new("default", 500, Duration::from_secs(60)).unwrap();
+/// assert_eq!(per_minute.to_string(), "default: 500 per 60s");
+/// assert!(RateLimit::new("zero", 0, Duration::from_secs(1)).is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "LimitRepr", into = "LimitRepr")]
+pub struct RateLimit {
+    name: Arc<str>,
+    limit: u64,
+    window: Duration,
+}
+
+/// A limit of zero, a window under a millisecond, or an empty name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidLimit(String);
+
+impl fmt::Display for InvalidLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid rate limit {}: a limit has a name of 1 to 64 characters of [A-Za-z0-9-_.:], at least 1 request and a window of at least 1 ms", self.0)
+    }
+}
+
+impl std::error::Error for InvalidLimit {}
+
+impl RateLimit {
+    /// `limit` per `window`, named `name` (Oneloop's `rateLimitConfig.id`).
+    pub fn new(name: &str, limit: u64, window: Duration) -> Result<Self, InvalidLimit> {
+        let name_ok = !name.is_empty()
+            && name.len() <= 64
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+        if !name_ok || limit == 0 || window < Duration::from_millis(1) {
+            return Err(InvalidLimit(format!("{name:?} {limit}/{window:?}")));
+        }
+        Ok(Self { name: name.into(), limit, window })
+    }
+
+    /// `limit` per minute (the default window).
+    pub fn per_minute(name: &str, limit: u64) -> Result<Self, InvalidLimit> {
+        Self::new(name, limit, Duration::from_secs(60))
+    }
+
+    /// The name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Requests (cost units) per window.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// The window.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+}
+
+/// The serialised form, checked on the way in: `{ name, limit, window_secs }`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LimitRepr {
+    #[serde(default = "default_name")]
+    name: String,
+    limit: u64,
+    #[serde(default = "default_window")]
+    window_secs: f64,
+}
+
+fn default_name() -> String {
+    "key".into()
+}
+
+fn default_window() -> f64 {
+    60.0
+}
+
+impl TryFrom<LimitRepr> for RateLimit {
+    type Error = InvalidLimit;
+
+    fn try_from(r: LimitRepr) -> Result<Self, InvalidLimit> {
+        let window = Duration::try_from_secs_f64(r.window_secs)
+            .map_err(|_| InvalidLimit(format!("window {}", r.window_secs)))?;
+        Self::new(&r.name, r.limit, window)
+    }
+}
+
+impl From<RateLimit> for LimitRepr {
+    fn from(l: RateLimit) -> Self {
+        Self { name: l.name.to_string(), limit: l.limit, window_secs: l.window.as_secs_f64() }
+    }
+}
+
+impl fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {} per {}s", self.name, self.limit, self.window.as_secs_f64())
+    }
+}
+
+/// One limit's state after a request passed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitState {
+    /// The limit.
+    pub limit: RateLimit,
+    /// Requests (cost units) left now.
+    pub remaining: u64,
+    /// Until the limit is back to full.
+    pub reset: Duration,
+}
+
+/// A request refused by a limit; nothing was consumed from any limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denied {
+    /// The limit that refused.
+    pub limit: RateLimit,
+    /// When the request would pass: the next free slot, never earlier.
+    pub retry_after: Duration,
+}
+
+/// The limiter's verdict on one request against all its limits.
+pub type LimitVerdict = Result<Vec<LimitState>, Denied>;
+
+/// The limiter could not decide (its backend is unreachable).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitError(pub String);
+
+impl fmt::Display for LimitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "rate limiter failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for LimitError {}
+
+/// Keeps rate-limit counters. Several limits on one request are decided together: all pass and
+/// are consumed, or none is.
+pub trait Limiter: Send + Sync + 'static {
+    /// Decides without I/O if it can; `None` sends the request to [`Limiter::check`].
+    fn check_now(&self, key_id: &str, limits: &[(RateLimit, u64)]) -> Option<LimitVerdict> {
+        let _ = (key_id, limits);
+        None
+    }
+
+    /// Decides, with whatever I/O it takes. Each limit comes with the request's cost.
+    fn check(&self, key_id: &str, limits: &[(RateLimit, u64)]) -> BoxFuture<'static, Result<LimitVerdict, LimitError>>;
+}
+
+impl<L: Limiter + ?Sized> Limiter for Arc<L> {
+    fn check_now(&self, key_id: &str, limits: &[(RateLimit, u64)]) -> Option<LimitVerdict> {
+        (**self).check_now(key_id, limits)
+    }
+
+    fn check(&self, key_id: &str, limits: &[(RateLimit, u64)]) -> BoxFuture<'static, Result<LimitVerdict, LimitError>> {
+        (**self).check(key_id, limits)
+    }
+}

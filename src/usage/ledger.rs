@@ -1,0 +1,80 @@
+//! Usage counted against allowances, per key id.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+
+/// Per key id: what this process charged that its verifier has not reported back yet.
+///
+/// When a fresh answer reports more `used` than the last one, that much of the local count is
+/// taken as now included upstream, so instances converge on the verifier's figure; until then each
+/// instance also counts its own charges, so none overspends by more than what others charged since
+/// the last refresh.
+#[derive(Default)]
+pub(crate) struct Ledger {
+    keys: Mutex<HashMap<Box<str>, Entry>>,
+}
+
+#[derive(Default)]
+struct Entry {
+    reported: u128,
+    local: u128,
+}
+
+impl Ledger {
+    /// Takes `amount` if `reported + local + amount <= allowed`.
+    pub(crate) fn reserve(&self, key_id: &str, (allowed, reported): (u128, u128), amount: u64) -> bool {
+        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = match keys.get_mut(key_id) {
+            Some(e) => e,
+            None => keys.entry(key_id.into()).or_default(),
+        };
+        if reported > entry.reported {
+            entry.local = entry.local.saturating_sub(reported - entry.reported);
+            entry.reported = reported;
+        }
+        let after = entry.reported.saturating_add(entry.local).saturating_add(amount as u128);
+        if after > allowed {
+            return false;
+        }
+        entry.local += amount as u128;
+        true
+    }
+
+    /// Gives back a reservation (the request was refused later on).
+    pub(crate) fn refund(&self, key_id: &str, amount: u64) {
+        if let Some(e) = self.keys.lock().unwrap_or_else(PoisonError::into_inner).get_mut(key_id) {
+            e.local = e.local.saturating_sub(amount as u128);
+        }
+    }
+
+    /// Counts usage that happened already (no allowance check).
+    pub(crate) fn charge(&self, key_id: &str, amount: u64) {
+        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        keys.entry(key_id.into()).or_default().local += amount as u128;
+    }
+
+    /// Usage counted locally for `key_id`.
+    #[cfg(test)]
+    pub(crate) fn local(&self, key_id: &str) -> u128 {
+        self.keys.lock().unwrap_or_else(PoisonError::into_inner).get(key_id).map_or(0, |e| e.local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserve_refund_and_converge() {
+        let l = Ledger::default();
+        assert!(l.reserve("k", (10, 0), 6));
+        assert!(!l.reserve("k", (10, 0), 5), "6 + 5 > 10");
+        assert!(l.reserve("k", (10, 0), 4));
+        l.refund("k", 4);
+        assert_eq!(l.local("k"), 6);
+        // The verifier now reports the 6 as used: they are not counted twice.
+        assert!(l.reserve("k", (10, 6), 4));
+        assert_eq!(l.local("k"), 4);
+        assert!(!l.reserve("k", (10, 6), 1));
+    }
+}

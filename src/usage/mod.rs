@@ -1,0 +1,149 @@
+//! Usage: what a request costs in credits, the per-key allowance it is checked against, and
+//! where usage is reported.
+//!
+//! - A route declares a usage amount and name ([`RoutePolicy::usage`](crate::RoutePolicy::usage));
+//!   handlers add more after the fact with the [`UsageHandle`] in [`VerifiedKey`](crate::VerifiedKey).
+//! - Allowance: a key's `usage_limit` (local verifier), or Oneloop's billing meter (`totalCredits -
+//!   usedCredits`, or `spendCap - usedCredits` when overages are allowed). A request whose usage
+//!   would pass it is refused with `USAGE_LIMITED` and charged nothing.
+//! - Reporting: every charge goes to the layer's [`UsageSink`], such as the Oneloop
+//!   [`UsageBatcher`](crate::usage::UsageBatcher) (feature `oneloop`).
+
+#[cfg(feature = "oneloop")]
+mod batcher;
+mod ledger;
+
+#[cfg(feature = "oneloop")]
+pub use batcher::{BatchConfig, UsageBatcher};
+pub(crate) use ledger::Ledger;
+
+use crate::key::ApiKey;
+use crate::verify::KeyFacts;
+use std::fmt;
+use std::sync::Arc;
+
+/// Usage a route charges per request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteUsage {
+    /// The amount.
+    pub amount: u64,
+    /// What is counted (Oneloop's `usageName`); `None` for the default usage.
+    pub name: Option<Arc<str>>,
+}
+
+/// Whose usage a charge is.
+#[derive(Debug, Clone, Copy)]
+pub struct UsageOf<'a> {
+    /// The key's id.
+    pub key_id: &'a str,
+    /// The raw key, only for sinks that ask for it ([`UsageSink::needs_key`]): Oneloop's
+    /// `record-usage` identifies keys by their value. Redacted in `Debug`.
+    pub key: Option<&'a ApiKey>,
+}
+
+/// Where charges are reported. Called on the request path: must not block (queue, don't send).
+pub trait UsageSink: Send + Sync + 'static {
+    /// Reports `amount` of `name` used by a key.
+    fn record(&self, of: UsageOf<'_>, name: Option<&str>, amount: u64);
+
+    /// Whether [`record`](Self::record) needs the raw key (default `false`). When `true`, the raw
+    /// key is kept with the request's [`UsageHandle`] until the request ends.
+    fn needs_key(&self) -> bool {
+        false
+    }
+}
+
+impl<S: UsageSink + ?Sized> UsageSink for Arc<S> {
+    fn record(&self, of: UsageOf<'_>, name: Option<&str>, amount: u64) {
+        (**self).record(of, name, amount)
+    }
+
+    fn needs_key(&self) -> bool {
+        (**self).needs_key()
+    }
+}
+
+/// What a key may still use, as `(allowed in total, used as its verifier last reported)`;
+/// `None` when it is unlimited.
+pub(crate) fn allowance(facts: &KeyFacts) -> Option<(u128, u128)> {
+    match &facts.billing {
+        Some(m) if m.allow_overages => m.spend_cap.map(|cap| (cap, m.used_credits)),
+        Some(m) => Some((m.total_credits, m.used_credits)),
+        None => facts.usage_limit.map(|limit| (limit, 0)),
+    }
+}
+
+/// The layer's usage machinery: the ledger that enforces allowances and the sink that reports.
+pub(crate) struct Meter {
+    pub(crate) ledger: Ledger,
+    pub(crate) sink: Option<Arc<dyn UsageSink>>,
+}
+
+impl Meter {
+    pub(crate) fn charge(&self, of: UsageOf<'_>, name: Option<&str>, amount: u64) {
+        if amount == 0 {
+            return;
+        }
+        if let Some(sink) = &self.sink {
+            sink.record(of, name, amount);
+        }
+    }
+
+    pub(crate) fn needs_key(&self) -> bool {
+        self.sink.as_ref().is_some_and(|s| s.needs_key())
+    }
+}
+
+/// Adds usage to the request's key after the fact (tokens produced, bytes streamed). Found in
+/// [`VerifiedKey::usage`](crate::VerifiedKey::usage). Cloning shares it; it may outlive the
+/// request (a streaming body can report as it goes).
+///
+/// ```
+/// use keygate::VerifiedKey;
+/// async fn complete(key: VerifiedKey) -> String {
+///     let answer = "forty-two".to_owned();
+///     key.usage().add("tokens", answer.len() as u64); // charged to this key, reported to the sink
+///     answer
+/// }
+/// ```
+#[derive(Clone)]
+pub struct UsageHandle {
+    inner: Option<HandleInner>,
+}
+
+#[derive(Clone)]
+struct HandleInner {
+    meter: Arc<Meter>,
+    facts: Arc<KeyFacts>,
+    key: Option<ApiKey>,
+}
+
+impl UsageHandle {
+    pub(crate) fn none() -> Self {
+        Self { inner: None }
+    }
+
+    pub(crate) fn new(meter: Arc<Meter>, facts: Arc<KeyFacts>, key: Option<ApiKey>) -> Self {
+        Self { inner: Some(HandleInner { meter, facts, key }) }
+    }
+
+    /// The raw key, kept only for sinks that need it.
+    pub(crate) fn key(&self) -> Option<&ApiKey> {
+        self.inner.as_ref()?.key.as_ref()
+    }
+
+    /// Adds `amount` of `name` (use `""` for the default usage). Counted against the key's
+    /// allowance for later requests (it is never refused: the work is done) and reported.
+    pub fn add(&self, name: &str, amount: u64) {
+        let Some(h) = &self.inner else { return };
+        h.meter.ledger.charge(&h.facts.id, amount);
+        let of = UsageOf { key_id: &h.facts.id, key: h.key.as_ref() };
+        h.meter.charge(of, Some(name).filter(|n| !n.is_empty()), amount);
+    }
+}
+
+impl fmt::Debug for UsageHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UsageHandle").field("key_id", &self.inner.as_ref().map(|h| &h.facts.id)).finish()
+    }
+}
