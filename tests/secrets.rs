@@ -24,6 +24,16 @@ impl Write for Captured {
     }
 }
 
+/// A sink that asks for raw keys, so the request context holds one.
+struct KeepsKeys;
+
+impl keygate::usage::UsageSink for KeepsKeys {
+    fn record(&self, _: keygate::usage::UsageOf<'_>, _: Option<&str>, _: u64) {}
+    fn needs_key(&self) -> bool {
+        true
+    }
+}
+
 /// The part of a key that must never show: all but the short redacted prefix.
 fn secret_part(key: &str) -> &str {
     &key[4..]
@@ -48,11 +58,14 @@ async fn no_key_in_logs_debug_or_bodies() {
     let local = ApiKeyLayer::builder(verifier.clone())
         .routes(routes())
         .key_format(verifier.key_format().clone())
+        .usage_sink(KeepsKeys)
+        .rate_limit(keygate::limit::RateLimit::per_minute("default", 100).unwrap())
         .build()
         .unwrap();
     let remote = ApiKeyLayer::builder(Unreachable).routes(routes()).build().unwrap();
-    let app =
-        |layer: ApiKeyLayer| Router::new().route("/items", get(|| async { "ok" }).post(|| async { "ok" })).layer(layer);
+    // The handler echoes the Debug of everything it was given.
+    let echo = |key: Option<VerifiedKey>| async move { format!("{key:?} {:?}", key.as_ref().map(|k| k.usage())) };
+    let app = |layer: ApiKeyLayer| Router::new().route("/items", get(echo).post(echo)).layer(layer);
     let a = serve_axum(app(local.clone())).await;
     let b = serve_axum(app(remote.clone())).await;
 
@@ -83,12 +96,14 @@ async fn no_key_in_logs_debug_or_bodies() {
         format!("{:?}", StoredKey::new(KeyFacts::new("x"))),
         format!("{:?}", verifier.verify_now(&api_key.digest())),
         format!("{:?}", Rejection::InvalidKey(KeyStatus::Invalid)),
+        format!("{:?}", keygate::limit::MemoryLimiter::new()),
     ]
     .join("\n");
 
     drop(_guard);
     let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
     assert!(logs.contains("keygate: refused"), "the test must see the gate's logs:\n{logs}");
+    assert!(bodies.contains("UsageHandle"), "the handler's Debug output must be in the bodies:\n{bodies}");
     for (what, text) in [("logs", &logs), ("debug", &debug), ("bodies", &bodies)] {
         for k in [&key, &forged] {
             assert!(!text.contains(secret_part(k)), "a key leaked into {what}:\n{text}");

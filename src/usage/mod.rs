@@ -7,7 +7,7 @@
 //!   usedCredits`, or `spendCap - usedCredits` when overages are allowed). A request whose usage
 //!   would pass it is refused with `USAGE_LIMITED` and charged nothing.
 //! - Reporting: every charge goes to the layer's [`UsageSink`], such as the Oneloop
-//!   [`UsageBatcher`](crate::usage::UsageBatcher) (feature `oneloop`).
+//!   `UsageBatcher` (feature `oneloop`).
 
 #[cfg(feature = "oneloop")]
 mod batcher;
