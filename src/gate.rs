@@ -5,7 +5,7 @@
 
 use crate::context::VerifiedKey;
 use crate::extract::Extractor;
-use crate::key::{ApiKey, KeyDigest, KeyFormat, Redacted};
+use crate::key::{ApiKey, KeyDigest, KeyFormat, PresentedKey, Redacted};
 use crate::limit::{self, HeaderStyle, LimitState, LimitVerdict, Limiter, RateLimit};
 use crate::reject::{Rejection, Responder};
 use crate::scope::{Action, RequiredScope, Route, RouteEntry, ScopeMap, Unmapped};
@@ -76,16 +76,19 @@ impl Gate {
         if !self.format.accepts(&found.key) {
             return self.refuse(Rejection::InvalidKey(KeyStatus::Invalid), Some(&found.key));
         }
-        let digest = KeyDigest::of(&found.key);
-        let verification = self.verifier.verify_now(&digest);
-        // The raw key outlives this borrow only where something needs it: the async verifier, or
-        // a usage sink that reports by key.
-        let raw = (verification.is_none() || self.meter.needs_key()).then(|| ApiKey::new(&*found.key));
+        let presented = PresentedKey::new(&found.key);
+        let verification = self.verifier.verify_now(&presented);
+        // The raw key outlives this borrow only where something needs it: the async verifier, or a
+        // usage sink that reports by key. The SHA-256 is computed only on a miss.
+        let raw = (verification.is_none() || self.meter.needs_key()).then(|| presented.to_owned_key());
+        let miss = verification.is_none().then(|| *presented.digest());
+        let source = found.source;
         if self.hide_credentials {
-            self.extractor.hide(found.source, req);
+            self.extractor.hide(source, req);
         }
         let Some(verification) = verification else {
-            return Admission::Pending(self.verify_later(raw.expect("kept for the verifier"), digest, scope, entry));
+            let (key, digest) = (raw.expect("kept for the verifier"), miss.expect("hashed on a miss"));
+            return Admission::Pending(self.verify_later(key, digest, scope, entry));
         };
         match self.decide(verification, scope.as_ref()) {
             Ok(key) => self.enforce(key, entry, raw),

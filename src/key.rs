@@ -143,6 +143,100 @@ impl std::str::FromStr for KeyDigest {
     }
 }
 
+/// A fast, keyed 128-bit digest of a key: two SipHash-1-3 with keys drawn from the OS random
+/// source once per process. It is what in-memory lookups on the hot path go by (a software
+/// SHA-256 costs ten times more); like the SHA-256 it is a digest, not the key, but it is only
+/// meaningful inside this process, so anything persisted or shared uses [`KeyDigest`].
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fingerprint(u128);
+
+impl Fingerprint {
+    /// The fingerprint of a raw key.
+    pub fn of(key: &str) -> Self {
+        use std::hash::BuildHasher;
+        static KEYS: std::sync::OnceLock<[std::collections::hash_map::RandomState; 2]> = std::sync::OnceLock::new();
+        let [a, b] = KEYS.get_or_init(|| [Default::default(), Default::default()]);
+        Self(u128::from(a.hash_one(key)) << 64 | u128::from(b.hash_one(key)))
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({:08x}…)", (self.0 >> 96) as u32)
+    }
+}
+
+/// A key as presented with a request, for the synchronous lookups: its digests are computed when
+/// first asked for, so a warm lookup by [`fingerprint`](Self::fingerprint) never pays for the SHA-256.
+pub struct PresentedKey<'a> {
+    raw: &'a str,
+    digest: std::cell::OnceCell<KeyDigest>,
+    fingerprint: std::cell::OnceCell<Fingerprint>,
+}
+
+impl<'a> PresentedKey<'a> {
+    /// Wraps a raw key.
+    pub fn new(raw: &'a str) -> Self {
+        Self { raw, digest: Default::default(), fingerprint: Default::default() }
+    }
+
+    /// Its SHA-256 digest, computed once.
+    pub fn digest(&self) -> &KeyDigest {
+        self.digest.get_or_init(|| KeyDigest::of(self.raw))
+    }
+
+    /// Its fingerprint, computed once.
+    pub fn fingerprint(&self) -> Fingerprint {
+        *self.fingerprint.get_or_init(|| Fingerprint::of(self.raw))
+    }
+
+    /// A loggable prefix.
+    pub fn redacted(&self) -> Redacted<'a> {
+        Redacted(self.raw)
+    }
+
+    pub(crate) fn to_owned_key(&self) -> ApiKey {
+        ApiKey::new(self.raw)
+    }
+}
+
+impl fmt::Debug for PresentedKey<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PresentedKey(\"{}\")", self.redacted())
+    }
+}
+
+/// A `Hasher` for keys that are uniform already (fingerprints, SHA-256 digests): it takes their
+/// first 8 bytes instead of hashing them again.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct PassThrough(u64);
+
+impl std::hash::Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Digests hash as a length prefix and then their bytes: keep the first 8 of the longest.
+        if bytes.len() >= 8 {
+            self.0 = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    fn write_u128(&mut self, n: u128) {
+        self.0 = n as u64;
+    }
+
+    fn write_usize(&mut self, _: usize) {}
+}
+
+/// Tables keyed by digests or fingerprints.
+pub(crate) type UniformState = std::hash::BuildHasherDefault<PassThrough>;
+
 const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 /// 22 base62 characters carry 130 bits, above the 128-bit floor.
 const RANDOM_LEN: usize = 22;

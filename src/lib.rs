@@ -25,7 +25,7 @@ pub use body::ResponseBody;
 pub use context::VerifiedKey;
 pub use extract::KeySource;
 pub use future::ResponseFuture;
-pub use key::{ApiKey, InvalidPrefix, KeyDigest, KeyFormat, ParseDigestError, Redacted};
+pub use key::{ApiKey, Fingerprint, InvalidPrefix, KeyDigest, KeyFormat, ParseDigestError, PresentedKey, Redacted};
 pub use layer::{ApiKeyLayer, ApiKeyLayerBuilder, BuildError, DEFAULT_MAX_KEY_LEN, MAX_MAX_KEY_LEN};
 pub use reject::{ProblemJson, Rejection, Responder};
 pub use scope::{

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
 use std::fmt;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 /// Why the gate refused a request.
@@ -161,12 +162,14 @@ impl Rejection {
     /// ```
     pub fn to_response(&self) -> Response<Bytes> {
         let cause = self.cause();
-        let mut body = serde_json::json!({
-            "type": self.problem_type(),
-            "title": cause.title,
-            "status": cause.status.as_u16(),
-            "detail": cause.detail,
-        });
+        let render = || {
+            serde_json::json!({
+                "type": self.problem_type(),
+                "title": cause.title,
+                "status": cause.status.as_u16(),
+                "detail": cause.detail,
+            })
+        };
         let mut res = Response::new(Bytes::new());
         *res.status_mut() = cause.status;
         let headers = res.headers_mut();
@@ -175,6 +178,26 @@ impl Rejection {
         if let Some(challenge) = cause.challenge {
             headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
         }
+        // Bodies of fixed causes are rendered once: refusing a bad key must stay cheap.
+        // Eight short strings, leaked once, so each response shares them without a count.
+        static FIXED: [OnceLock<&'static str>; 8] = [const { OnceLock::new() }; 8];
+        let fixed = |i: usize| Bytes::from_static(FIXED[i].get_or_init(|| render().to_string().leak()).as_bytes());
+        let body = match self {
+            Self::MissingKey => fixed(0),
+            Self::AmbiguousKey => fixed(1),
+            Self::MalformedKey => fixed(2),
+            Self::InvalidPath => fixed(3),
+            Self::InvalidKey(_) => fixed(4),
+            Self::UnmappedRoute => fixed(5),
+            Self::UsageLimited { payment_required: false } => fixed(6),
+            Self::UsageLimited { payment_required: true } => fixed(7),
+            _ => Bytes::new(),
+        };
+        if !body.is_empty() {
+            *res.body_mut() = body;
+            return res;
+        }
+        let mut body = render();
         match self {
             Self::InsufficientScope(required) => {
                 body["required_scope"] = required.to_string().into();

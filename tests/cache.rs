@@ -3,7 +3,7 @@
 
 use keygate::cache::{CacheConfig, CachedVerifier};
 use keygate::verify::{BoxFuture, Verification, Verifier, VerifyError, VerifyRequest};
-use keygate::{ApiKey, KeyFacts, KeyStatus};
+use keygate::{ApiKey, KeyFacts, KeyStatus, PresentedKey};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -41,7 +41,7 @@ async fn an_older_valid_never_overwrites_a_newer_refusal() {
         (Duration::from_millis(10), KeyStatus::Disabled), // fast, started after it
     ]);
     let cache = CachedVerifier::new(scripted.clone(), CacheConfig::default());
-    let digest = ApiKey::new("k").digest();
+    let presented = PresentedKey::new("k");
 
     let slow = tokio::spawn({
         let cache = cache.clone();
@@ -53,7 +53,7 @@ async fn an_older_valid_never_overwrites_a_newer_refusal() {
     assert_eq!(cache.verify(request("k")).await.unwrap().status, KeyStatus::Disabled);
     assert_eq!(slow.await.unwrap(), KeyStatus::Valid, "the older caller gets its own answer");
     assert_eq!(scripted.calls.load(Ordering::SeqCst), 2);
-    assert_eq!(cache.verify_now(&digest).map(|v| v.status), Some(KeyStatus::Disabled));
+    assert_eq!(cache.verify_now(&presented).map(|v| v.status), Some(KeyStatus::Disabled));
 }
 
 #[tokio::test]
@@ -68,7 +68,7 @@ async fn invalidate_all_discards_answers_in_flight() {
     tokio::time::sleep(Duration::from_millis(20)).await;
     cache.invalidate_all();
     assert_eq!(call.await.unwrap(), KeyStatus::Valid);
-    assert_eq!(cache.verify_now(&ApiKey::new("k").digest()), None, "not stored");
+    assert_eq!(cache.verify_now(&PresentedKey::new("k")), None, "not stored");
 }
 
 #[tokio::test]
@@ -76,11 +76,11 @@ async fn negative_answers_live_the_negative_ttl() {
     let scripted = Scripted::default();
     let config = CacheConfig::default().negative_ttl(Duration::from_millis(100));
     let cache = CachedVerifier::new(scripted.clone(), config);
-    let digest = ApiKey::new("nope").digest();
+    let presented = PresentedKey::new("nope");
     assert_eq!(cache.verify(request("nope")).await.unwrap().status, KeyStatus::Invalid);
-    assert_eq!(cache.verify_now(&digest).map(|v| v.status), Some(KeyStatus::Invalid));
+    assert_eq!(cache.verify_now(&presented).map(|v| v.status), Some(KeyStatus::Invalid));
     tokio::time::sleep(Duration::from_millis(150)).await;
-    assert_eq!(cache.verify_now(&digest), None);
+    assert_eq!(cache.verify_now(&presented), None);
 }
 
 #[tokio::test]

@@ -94,7 +94,8 @@ async fn no_key_in_logs_debug_or_bodies() {
         format!("{verifier:?} {:?}", MemoryStore::new()),
         format!("{file:?} {load_error:?} {load_error}"),
         format!("{:?}", StoredKey::new(KeyFacts::new("x"))),
-        format!("{:?}", verifier.verify_now(&api_key.digest())),
+        format!("{:?}", verifier.verify_now(&PresentedKey::new(&key))),
+        format!("{:?} {:?}", PresentedKey::new(&key), Fingerprint::of(&key)),
         format!("{:?}", Rejection::InvalidKey(KeyStatus::Invalid)),
         format!("{:?}", keygate::limit::MemoryLimiter::new()),
     ]

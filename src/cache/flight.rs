@@ -1,6 +1,6 @@
 //! Single-flight: concurrent misses on one key share one upstream call.
 
-use crate::key::KeyDigest;
+use crate::key::Fingerprint as KeyDigest;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};

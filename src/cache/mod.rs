@@ -1,4 +1,5 @@
-//! The verification cache: what a key *is*, by key digest, so a known key costs a map lookup.
+//! The verification cache: what a key *is*, by key fingerprint, so a known key costs a map lookup
+//! and no SHA-256.
 //!
 //! - **Facts, not decisions.** The cached answer is the key's status and facts; the route's scope
 //!   is decided per request from them, so one upstream call serves every route.
@@ -9,15 +10,15 @@
 //! - **Stale-if-error** (RFC 5861). When the upstream fails, a `VALID` answer up to `max_stale` past
 //!   its TTL is served (marked stale), never past the key's expiry.
 //! - **Newest answer wins.** An answer is stored only if its upstream call started after the one
-//!   that produced the entry in place, and after the last `invalidate`; so a slow, older `VALID` never
-//!   overwrites a newer refusal or a revocation.
+//!   that produced the entry in place, and after the key's last invalidation; so a slow, older
+//!   `VALID` never overwrites a newer refusal or a revocation.
 //!
 //! Memory: an entry holds the digest (32 B), moka's per-entry bookkeeping, and an `Arc` of the
 //! key's facts (about 200 B plus its strings); see the README's benchmark table for measured figures.
 
 mod flight;
 
-use crate::key::KeyDigest;
+use crate::key::{Fingerprint, KeyDigest, PresentedKey};
 use crate::verify::{BoxFuture, KeyStatus, Verification, Verifier, VerifyError, VerifyRequest};
 use flight::Flights;
 use moka::ops::compute::Op;
@@ -82,9 +83,10 @@ impl CacheConfig {
 }
 
 struct Entry {
-    /// `None` is a tombstone left by `invalidate`: it forces a fresh call and outranks older answers.
-    answer: Option<Verification>,
-    /// When the upstream call that produced this entry started (for a tombstone: when it was laid).
+    answer: Verification,
+    /// The key's SHA-256, for invalidations that arrive as digests.
+    digest: KeyDigest,
+    /// When the upstream call that produced this entry started.
     started: Instant,
     fresh_until: Instant,
     keep_until: Instant,
@@ -92,14 +94,14 @@ struct Entry {
 
 struct KeepUntil;
 
-impl moka::Expiry<KeyDigest, Arc<Entry>> for KeepUntil {
-    fn expire_after_create(&self, _: &KeyDigest, e: &Arc<Entry>, now: Instant) -> Option<Duration> {
+impl moka::Expiry<Fingerprint, Arc<Entry>> for KeepUntil {
+    fn expire_after_create(&self, _: &Fingerprint, e: &Arc<Entry>, now: Instant) -> Option<Duration> {
         Some(e.keep_until.saturating_duration_since(now))
     }
 
     fn expire_after_update(
         &self,
-        _: &KeyDigest,
+        _: &Fingerprint,
         e: &Arc<Entry>,
         now: Instant,
         _: Option<Duration>,
@@ -132,7 +134,10 @@ impl<V> Clone for CachedVerifier<V> {
 
 struct Shared<V> {
     verifier: V,
-    cache: Cache<KeyDigest, Arc<Entry>>,
+    cache: Cache<Fingerprint, Arc<Entry>>,
+    /// When recently invalidated keys were invalidated: answers from calls started before that are
+    /// not stored.
+    invalidated: Cache<KeyDigest, Instant>,
     flights: Flights<Result<Verification, VerifyError>>,
     /// Bumped by `invalidate_all`: answers from calls started before it are not stored.
     generation: AtomicU64,
@@ -142,25 +147,40 @@ struct Shared<V> {
 impl<V: Verifier> CachedVerifier<V> {
     /// Caches `verifier`'s answers.
     pub fn new(verifier: V, config: CacheConfig) -> Self {
-        let cache = Cache::builder().max_capacity(config.max_entries).expire_after(KeepUntil).build();
-        let shared = Shared { verifier, cache, flights: Flights::new(), generation: AtomicU64::new(0), config };
+        let cache = Cache::builder()
+            .max_capacity(config.max_entries)
+            .expire_after(KeepUntil)
+            .support_invalidation_closures()
+            .build();
+        // Kept longer than any call can take, so an answer from before an invalidation is recognised.
+        let remember = config.positive_ttl.max(Duration::from_secs(60));
+        let invalidated = Cache::builder().max_capacity(100_000).time_to_live(remember).build();
+        let flights = Flights::new();
+        let shared = Shared { verifier, cache, invalidated, flights, generation: AtomicU64::new(0), config };
         Self { shared: Arc::new(shared) }
     }
 
     /// Forgets what is cached for `key`: its next request asks the verifier, and an answer from a
     /// call already in flight is not stored.
     pub fn invalidate(&self, key: &str) {
-        self.invalidate_digest(&KeyDigest::of(key));
+        let fingerprint = Fingerprint::of(key);
+        self.shared.invalidated.insert(KeyDigest::of(key), Instant::now());
+        self.shared.cache.invalidate(&fingerprint);
+        // Requests from now on must not join a call that started before the revocation.
+        self.shared.flights.forget(&fingerprint);
     }
 
-    /// [`invalidate`](Self::invalidate) by digest (for revocations that arrive as digests).
+    /// [`invalidate`](Self::invalidate) by digest, for revocations that arrive as digests (from
+    /// another instance, say). A call already in flight for the key may still answer the requests
+    /// that joined it, but its answer is not stored.
     pub fn invalidate_digest(&self, digest: &KeyDigest) {
-        let now = Instant::now();
-        let keep_until = now + self.shared.config.positive_ttl.max(Duration::from_secs(1));
-        let tombstone = Entry { answer: None, started: now, fresh_until: now, keep_until };
-        self.shared.cache.insert(*digest, Arc::new(tombstone));
-        // Requests from now on must not join a call that started before the revocation.
-        self.shared.flights.forget(digest);
+        self.shared.invalidated.insert(*digest, Instant::now());
+        let digest = *digest;
+        // moka stops returning matching entries at once and removes them in its maintenance.
+        if let Err(error) = self.shared.cache.invalidate_entries_if(move |_, e| e.digest == digest) {
+            tracing::warn!(%error, "keygate: could not invalidate by digest; dropping the whole cache");
+            self.shared.cache.invalidate_all();
+        }
     }
 
     /// Forgets everything.
@@ -191,16 +211,15 @@ impl<V: Verifier> CachedVerifier<V> {
 }
 
 impl<V: Verifier> Shared<V> {
-    fn fresh(&self, digest: &KeyDigest) -> Option<Verification> {
-        let entry = self.cache.get(digest)?;
-        let answer = entry.answer.as_ref()?;
-        (Instant::now() < entry.fresh_until).then(|| answer.clone())
+    fn fresh(&self, fingerprint: &Fingerprint) -> Option<Verification> {
+        let entry = self.cache.get(fingerprint)?;
+        (Instant::now() < entry.fresh_until).then(|| entry.answer.clone())
     }
 
     /// A `VALID` answer past its TTL but inside `max_stale` and the key's expiry.
-    fn stale(&self, digest: &KeyDigest) -> Option<Verification> {
-        let entry = self.cache.get(digest)?;
-        let answer = entry.answer.as_ref().filter(|a| a.status == KeyStatus::Valid)?;
+    fn stale(&self, fingerprint: &Fingerprint) -> Option<Verification> {
+        let entry = self.cache.get(fingerprint)?;
+        let answer = Some(&entry.answer).filter(|a| a.status == KeyStatus::Valid)?;
         let expired = answer.facts.as_ref().is_some_and(|f| f.is_expired_at(SystemTime::now()));
         (!expired && Instant::now() < entry.keep_until).then(|| Verification { stale: true, ..answer.clone() })
     }
@@ -225,39 +244,41 @@ impl<V: Verifier> Shared<V> {
         }
     }
 
-    fn store(&self, digest: KeyDigest, answer: &Verification, started: Instant, generation: u64) {
-        if self.generation.load(Ordering::SeqCst) != generation {
+    fn store(&self, key: (Fingerprint, KeyDigest), answer: &Verification, started: Instant, generation: u64) {
+        let (fingerprint, digest) = key;
+        let revoked_since = self.invalidated.get(&digest).is_some_and(|at| at >= started);
+        if revoked_since || self.generation.load(Ordering::SeqCst) != generation {
             return;
         }
         let lifetimes = self.lifetimes(answer, Instant::now());
-        self.cache.entry(digest).and_compute_with(|current| match (current, lifetimes) {
+        self.cache.entry(fingerprint).and_compute_with(|current| match (current, lifetimes) {
             (Some(e), _) if e.value().started > started => Op::Nop,
             (_, None) => Op::Remove,
             (_, Some((fresh_until, keep_until))) => {
-                Op::Put(Arc::new(Entry { answer: Some(answer.clone()), started, fresh_until, keep_until }))
+                Op::Put(Arc::new(Entry { answer: answer.clone(), digest, started, fresh_until, keep_until }))
             }
         });
     }
 
     async fn load(self: Arc<Self>, request: VerifyRequest) -> Result<Verification, VerifyError> {
-        let digest = request.digest;
+        let key = (Fingerprint::of(request.key.expose_secret()), request.digest);
         let shared = self.clone();
         let result = self
             .flights
-            .run(digest, move || async move {
+            .run(key.0, move || async move {
                 // Filled while this request waited its turn?
-                if let Some(answer) = shared.fresh(&digest) {
+                if let Some(answer) = shared.fresh(&key.0) {
                     return Ok(answer);
                 }
                 let (started, generation) = (Instant::now(), shared.generation.load(Ordering::SeqCst));
                 let result = shared.verifier.verify(request).await;
                 if let Ok(answer) = &result {
-                    shared.store(digest, answer, started, generation);
+                    shared.store(key, answer, started, generation);
                 }
                 result
             })
             .await;
-        result.or_else(|error| match self.stale(&digest) {
+        result.or_else(|error| match self.stale(&key.0) {
             Some(stale) => {
                 tracing::warn!(%error, "keygate: verifier failed; serving a stale answer");
                 Ok(stale)
@@ -268,8 +289,8 @@ impl<V: Verifier> Shared<V> {
 }
 
 impl<V: Verifier> Verifier for CachedVerifier<V> {
-    fn verify_now(&self, digest: &KeyDigest) -> Option<Verification> {
-        self.shared.fresh(digest)
+    fn verify_now(&self, key: &PresentedKey<'_>) -> Option<Verification> {
+        self.shared.fresh(&key.fingerprint())
     }
 
     fn verify(&self, request: VerifyRequest) -> BoxFuture<'static, Result<Verification, VerifyError>> {

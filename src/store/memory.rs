@@ -1,14 +1,18 @@
 //! The embedded in-memory key store.
 
 use super::{KeyStore, StoreError, StoredKey};
-use crate::key::KeyDigest;
+use crate::key::{Fingerprint, KeyDigest, PresentedKey, UniformState};
 use crate::verify::BoxFuture;
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
 /// Keys in process memory: the default store. Cloning shares the same keys.
 ///
-/// Reads take a read lock for one hash lookup and an `Arc` clone; writes are rare (key management).
+/// Reads take a read lock for two hash lookups and an `Arc` clone; writes are rare (key
+/// management). Presented keys are found by [`Fingerprint`] once seen, so a warm lookup computes no
+/// SHA-256: a fingerprint→digest index is filled on a key's first successful lookup. It never goes
+/// stale: a fingerprint always names the same key, and so the same digest; a digest that is gone
+/// (rotated away) is simply not found.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryStore {
     maps: Arc<RwLock<Maps>>,
@@ -16,8 +20,9 @@ pub struct MemoryStore {
 
 #[derive(Debug, Default)]
 struct Maps {
-    by_digest: HashMap<KeyDigest, StoredKey>,
+    by_digest: HashMap<KeyDigest, StoredKey, UniformState>,
     by_id: HashMap<String, KeyDigest>,
+    by_fingerprint: HashMap<Fingerprint, KeyDigest, UniformState>,
 }
 
 impl MemoryStore {
@@ -70,8 +75,19 @@ impl MemoryStore {
 }
 
 impl KeyStore for MemoryStore {
-    fn get_now(&self, digest: &KeyDigest) -> Option<Option<StoredKey>> {
-        Some(self.read(|m| m.by_digest.get(digest).cloned()))
+    fn get_now(&self, key: &PresentedKey<'_>) -> Option<Option<StoredKey>> {
+        let fingerprint = key.fingerprint();
+        let seen = self.read(|m| m.by_fingerprint.get(&fingerprint).map(|d| m.by_digest.get(d).cloned()));
+        if let Some(found) = seen {
+            return Some(found);
+        }
+        let digest = *key.digest();
+        let found = self.read(|m| m.by_digest.get(&digest).cloned());
+        if found.is_some() {
+            // Only known keys are indexed, so unknown keys cannot grow the index.
+            self.write(|m| m.by_fingerprint.insert(fingerprint, digest));
+        }
+        Some(found)
     }
 
     fn get(&self, digest: &KeyDigest) -> BoxFuture<'static, Result<Option<StoredKey>, StoreError>> {

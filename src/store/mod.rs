@@ -9,7 +9,7 @@ mod memory;
 pub use file::{KeyFile, LoadError};
 pub use memory::MemoryStore;
 
-use crate::key::KeyDigest;
+use crate::key::{KeyDigest, PresentedKey};
 use crate::verify::{BoxFuture, KeyFacts, KeyStatus};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -77,9 +77,10 @@ impl std::error::Error for StoreError {}
 /// Like [`Verifier`](crate::Verifier), it has a synchronous fast path ([`KeyStore::get_now`]) for
 /// stores that need no I/O, and asynchronous operations for the rest.
 pub trait KeyStore: Send + Sync + 'static {
-    /// The key with this digest, if the store can answer without I/O: `Some(None)` means "not here".
-    fn get_now(&self, digest: &KeyDigest) -> Option<Option<StoredKey>> {
-        let _ = digest;
+    /// The presented key's record, if the store can answer without I/O: `Some(None)` means "not
+    /// here".
+    fn get_now(&self, key: &PresentedKey<'_>) -> Option<Option<StoredKey>> {
+        let _ = key;
         None
     }
 

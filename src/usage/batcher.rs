@@ -111,6 +111,8 @@ struct Shared {
     wake: Notify,
     started: OnceLock<()>,
     closed: AtomicBool,
+    /// Held for a whole flush, so `shutdown` can tell "empty" from "taken out and being sent".
+    flushing: tokio::sync::Mutex<()>,
 }
 
 impl UsageBatcher {
@@ -125,6 +127,7 @@ impl UsageBatcher {
             wake: Notify::new(),
             started: OnceLock::new(),
             closed: AtomicBool::new(false),
+            flushing: tokio::sync::Mutex::new(()),
         };
         Self { shared: Arc::new(shared) }
     }
@@ -150,7 +153,12 @@ impl UsageBatcher {
         self.shared.closed.store(true, Ordering::SeqCst);
         self.shared.wake.notify_one();
         let flush = async {
-            while self.pending() > 0 {
+            loop {
+                // Waits out a flush in progress: its batch is no longer in the buffer.
+                drop(self.shared.flushing.lock().await);
+                if self.pending() == 0 {
+                    break;
+                }
                 if self.shared.flush().await {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -210,6 +218,7 @@ impl Shared {
 
     /// Sends everything buffered now; failed sends go back into the buffer. `true` if any failed.
     async fn flush(self: &Arc<Self>) -> bool {
+        let _flushing = self.flushing.lock().await;
         let batch: Vec<(Pair, u64)> = std::mem::take(&mut *self.lock()).into_iter().collect();
         let mut failed = false;
         let mut sends = JoinSet::new();

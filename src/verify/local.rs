@@ -1,7 +1,7 @@
 //! The embedded verifier: keys in a [`KeyStore`] in this process (or in Redis, with that feature).
 
 use super::{BoxFuture, KeyFacts, Verification, Verifier, VerifyError, VerifyRequest};
-use crate::key::{ApiKey, KeyDigest, KeyFormat};
+use crate::key::{ApiKey, KeyFormat, PresentedKey};
 use crate::store::{KeyFile, KeyStore, LoadError, MemoryStore, StoreError, StoredKey};
 use std::fmt;
 use std::sync::Arc;
@@ -143,8 +143,8 @@ impl LocalVerifier {
 }
 
 impl Verifier for LocalVerifier {
-    fn verify_now(&self, digest: &KeyDigest) -> Option<Verification> {
-        self.store.get_now(digest).map(Self::answer)
+    fn verify_now(&self, key: &PresentedKey<'_>) -> Option<Verification> {
+        self.store.get_now(key).map(Self::answer)
     }
 
     fn verify(&self, request: VerifyRequest) -> BoxFuture<'static, Result<Verification, VerifyError>> {

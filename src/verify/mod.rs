@@ -13,7 +13,7 @@ pub mod oneloop;
 
 pub use local::LocalVerifier;
 
-use crate::key::{ApiKey, KeyDigest};
+use crate::key::{ApiKey, KeyDigest, PresentedKey};
 use crate::limit::RateLimit;
 use crate::scope::{RequiredScope, Scope};
 use serde::{Deserialize, Serialize};
@@ -278,22 +278,22 @@ impl std::error::Error for VerifyError {}
 ///
 /// ```
 /// use keygate::verify::{BoxFuture, KeyFacts, KeyStatus, Verification, Verifier, VerifyError, VerifyRequest};
-/// use keygate::KeyDigest;
+/// use keygate::{KeyDigest, PresentedKey};
 /// use std::sync::Arc;
 ///
 /// /// Accepts one hard-wired digest (a test double, say).
 /// struct OneKey(KeyDigest, Arc<KeyFacts>);
 ///
 /// impl Verifier for OneKey {
-///     fn verify_now(&self, digest: &KeyDigest) -> Option<Verification> {
-///         Some(if *digest == self.0 {
+///     fn verify_now(&self, key: &PresentedKey<'_>) -> Option<Verification> {
+///         Some(if *key.digest() == self.0 {
 ///             Verification::new(KeyStatus::Valid, self.1.clone())
 ///         } else {
 ///             Verification::invalid()
 ///         })
 ///     }
 ///     fn verify(&self, req: VerifyRequest) -> BoxFuture<'static, Result<Verification, VerifyError>> {
-///         let answer = self.verify_now(&req.digest);
+///         let answer = self.verify_now(&PresentedKey::new(req.key.expose_secret()));
 ///         Box::pin(async move { answer.ok_or_else(|| VerifyError::new("unreachable")) })
 ///     }
 /// }
@@ -302,8 +302,10 @@ impl std::error::Error for VerifyError {}
 /// ```
 pub trait Verifier: Send + Sync + 'static {
     /// The answer, if it can be given without I/O. `None` sends the request to [`Verifier::verify`].
-    fn verify_now(&self, digest: &KeyDigest) -> Option<Verification> {
-        let _ = digest;
+    /// Look the key up by its [`fingerprint`](PresentedKey::fingerprint) where you can: its
+    /// [`digest`](PresentedKey::digest) costs a SHA-256.
+    fn verify_now(&self, key: &PresentedKey<'_>) -> Option<Verification> {
+        let _ = key;
         None
     }
 
@@ -313,8 +315,8 @@ pub trait Verifier: Send + Sync + 'static {
 }
 
 impl<V: Verifier + ?Sized> Verifier for Arc<V> {
-    fn verify_now(&self, digest: &KeyDigest) -> Option<Verification> {
-        (**self).verify_now(digest)
+    fn verify_now(&self, key: &PresentedKey<'_>) -> Option<Verification> {
+        (**self).verify_now(key)
     }
 
     fn verify(&self, request: VerifyRequest) -> BoxFuture<'static, Result<Verification, VerifyError>> {

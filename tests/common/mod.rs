@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use keygate::verify::BoxFuture;
-use keygate::{KeyDigest, Verification, Verifier, VerifyError, VerifyRequest};
+use keygate::{PresentedKey, Verification, Verifier, VerifyError, VerifyRequest};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -125,12 +125,12 @@ impl<V> Counting<V> {
 }
 
 impl<V: Verifier> Verifier for Counting<V> {
-    fn verify_now(&self, digest: &KeyDigest) -> Option<Verification> {
+    fn verify_now(&self, key: &PresentedKey<'_>) -> Option<Verification> {
         if self.async_only {
             return None;
         }
         self.now_calls.fetch_add(1, Ordering::SeqCst);
-        self.inner.verify_now(digest)
+        self.inner.verify_now(key)
     }
 
     fn verify(&self, request: VerifyRequest) -> BoxFuture<'static, Result<Verification, VerifyError>> {
@@ -152,7 +152,7 @@ impl Verifier for Unreachable {
 pub struct Fixed(pub Verification);
 
 impl Verifier for Fixed {
-    fn verify_now(&self, _: &KeyDigest) -> Option<Verification> {
+    fn verify_now(&self, _: &PresentedKey<'_>) -> Option<Verification> {
         Some(self.0.clone())
     }
 

@@ -15,7 +15,7 @@ mod wire;
 
 use crate::breaker::{Breaker, BreakerConfig};
 use crate::cache::{CacheConfig, CachedVerifier};
-use crate::key::{ApiKey, KeyDigest};
+use crate::key::{ApiKey, PresentedKey};
 use crate::layer::BuildError;
 use crate::verify::{BoxFuture, Verification, Verifier, VerifyError, VerifyRequest};
 use client::{CallError, Client};
@@ -107,8 +107,8 @@ impl OneloopVerifier {
 }
 
 impl Verifier for OneloopVerifier {
-    fn verify_now(&self, digest: &KeyDigest) -> Option<Verification> {
-        self.cache.as_ref()?.verify_now(digest)
+    fn verify_now(&self, key: &PresentedKey<'_>) -> Option<Verification> {
+        self.cache.as_ref()?.verify_now(key)
     }
 
     fn verify(&self, request: VerifyRequest) -> BoxFuture<'static, Result<Verification, VerifyError>> {

@@ -1,0 +1,82 @@
+//! Per-request cost of gating, in process: every variant is the same axum router with one small
+//! handler, called through `tower::ServiceExt` on a current-thread runtime, cycling 1 000 keys.
+//!
+//! `cargo bench --all-features --bench hot_path`
+
+mod support;
+
+use axum::body::Body;
+use axum::Router;
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::Request;
+use std::time::Duration;
+use tower::ServiceExt;
+
+fn request(key: &str) -> Request<Body> {
+    Request::get("/v1/items").header("authorization", format!("Bearer {key}")).body(Body::empty()).unwrap()
+}
+
+async fn call(app: &Router, key: &str) -> u16 {
+    app.clone().oneshot(request(key)).await.unwrap().status().as_u16()
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let upstream = rt.block_on(support::fake_oneloop());
+    let variants = rt.block_on(support::variants(upstream));
+
+    let mut group = c.benchmark_group("request");
+    for (name, app) in &variants {
+        let keys = support::keys_for(name);
+        // Warm every key (fills the Oneloop cache) and check the variant really admits them.
+        for k in &keys {
+            assert_eq!(rt.block_on(call(app, k)), 200, "{name} refused a valid key");
+        }
+        let mut i = 0;
+        group.bench_function(*name, |b| {
+            b.to_async(&rt).iter(|| {
+                i = (i + 1) % keys.len();
+                call(app, &keys[i])
+            })
+        });
+    }
+
+    // Refusing a forged key (right prefix and length, wrong checksum): no lookup at all.
+    let verifier = rt.block_on(keygate_checksummed());
+    let (app, forged) = verifier;
+    assert_eq!(rt.block_on(call(&app, &forged)), 401);
+    group.bench_function("keygate_reject_forged", |b| b.to_async(&rt).iter(|| call(&app, &forged)));
+
+    // A cold miss: a fresh key each time, verified by the loopback Oneloop over HTTP.
+    let oneloop = support::oneloop(upstream);
+    let cold = support::router()
+        .layer(keygate::ApiKeyLayer::builder(oneloop.clone()).routes(support::routes()).build().unwrap());
+    let mut n = 0;
+    group.bench_function("keygate_oneloop_cold_miss", |b| {
+        b.to_async(&rt).iter(|| {
+            n = (n + 1) % support::KEYS;
+            oneloop.invalidate(&support::key(n));
+            let (app, k) = (&cold, support::key(n));
+            async move { call(app, &k).await }
+        })
+    });
+    group.finish();
+}
+
+/// A layer that checks keygate's checksummed format, and a forged key for it.
+async fn keygate_checksummed() -> (Router, String) {
+    let verifier = support::local_verifier().await;
+    let format = keygate::KeyFormat::checksummed("kg_").unwrap();
+    let good = format.generate().unwrap();
+    let forged = format!("{}0", &good.expose_secret()[..good.expose_secret().len() - 1]);
+    let forged = if format.accepts(&forged) { format!("{}1", &forged[..forged.len() - 1]) } else { forged };
+    let layer = keygate::ApiKeyLayer::builder(verifier).key_format(format).routes(support::routes()).build().unwrap();
+    (support::router().layer(layer), forged)
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3)).sample_size(40);
+    targets = bench
+}
+criterion_main!(benches);

@@ -1,0 +1,144 @@
+//! What every benchmark shares: 1 000 keys with realistic facts, one router with one small
+//! handler, and the variants of gating it.
+#![allow(dead_code)]
+
+use axum::extract::{Request, State};
+use axum::middleware::{from_fn_with_state, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http::StatusCode;
+use keygate::limit::{HeaderStyle, RateLimit};
+use keygate::verify::oneloop::OneloopVerifier;
+use keygate::{ApiKey, ApiKeyLayer, KeyFacts, LocalVerifier, Scope, ScopeMap};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tower_http::validate_request::ValidateRequestHeaderLayer;
+
+pub const KEYS: usize = 1_000;
+
+/// Key `i`: 35 characters, like a real one.
+pub fn key(i: usize) -> String {
+    format!("kb_bench{i:06}xxxxxxxxxxxxxxxxxxxxx")
+}
+
+/// About 280 bytes of facts: an id, two scopes, a metadata entry, a customer.
+pub fn facts(i: usize) -> KeyFacts {
+    KeyFacts::new(format!("key_{i:06}"))
+        .with_name("benchmark key")
+        .with_scopes(["items:read,create".parse::<Scope>().unwrap(), "orders:read".parse().unwrap()])
+        .with_metadata("plan", "pro")
+        .with_customer(format!("cus_{i:06}"))
+}
+
+/// The API: one small handler.
+pub fn router() -> Router {
+    Router::new().route("/v1/items", get(|| async { "ok" }))
+}
+
+pub fn routes() -> ScopeMap {
+    ScopeMap::new().route("/v1/items", "items")
+}
+
+pub async fn local_verifier() -> LocalVerifier {
+    let verifier = LocalVerifier::in_memory();
+    for i in 0..KEYS {
+        verifier.add(&ApiKey::new(key(i)), facts(i)).await.unwrap();
+    }
+    verifier
+}
+
+/// What a user writes by hand: a `HashMap` from key to context, and a `from_fn` middleware.
+#[derive(Clone, Debug)]
+pub struct HandContext {
+    pub id: String,
+    pub scopes: Vec<Scope>,
+    pub metadata: BTreeMap<String, String>,
+    pub customer_id: Option<String>,
+}
+
+pub fn hand_map() -> HashMap<String, Arc<HandContext>> {
+    (0..KEYS)
+        .map(|i| {
+            let f = facts(i);
+            (
+                key(i),
+                Arc::new(HandContext { id: f.id, scopes: f.scopes, metadata: f.metadata, customer_id: f.customer_id }),
+            )
+        })
+        .collect()
+}
+
+async fn hand_middleware(
+    State(keys): State<Arc<HashMap<String, Arc<HandContext>>>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let key = req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match key.and_then(|k| keys.get(k)) {
+        Some(ctx) => {
+            req.extensions_mut().insert(ctx.clone());
+            next.run(req).await
+        }
+        None => StatusCode::UNAUTHORIZED.into_response(),
+    }
+}
+
+/// A loopback Oneloop that knows every bench key (cold misses and warm-up only).
+pub async fn fake_oneloop() -> SocketAddr {
+    async fn verify(Json(req): Json<Value>) -> Json<Value> {
+        let k = req["key"].as_str().unwrap_or_default();
+        let i = (0..KEYS).find(|&i| key(i) == k);
+        let scopes: Vec<Value> =
+            i.map_or(vec![], |i| facts(i).scopes.iter().map(|s| serde_json::to_value(s).unwrap()).collect());
+        Json(json!({
+            "apiKeyId": i.map_or(String::new(), |i| facts(i).id), "expiresAt": null, "requestedScopes": [],
+            "status": if i.is_some() { "VALID" } else { "INVALID" }, "billing": null, "externalMeterId": null,
+            "customerId": i.map(|i| format!("cus_{i:06}")), "metadata": {"plan": "pro"}, "scopes": scopes,
+        }))
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().route("/api/v1/api-key/verify", post(verify));
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+pub fn oneloop(addr: SocketAddr) -> OneloopVerifier {
+    OneloopVerifier::builder("ws_bench").base_url(format!("http://{addr}")).build().unwrap()
+}
+
+fn limited(builder: keygate::ApiKeyLayerBuilder) -> keygate::ApiKeyLayerBuilder {
+    builder.rate_limit(RateLimit::new("default", u64::MAX / 2, std::time::Duration::from_secs(3600)).unwrap())
+}
+
+/// Every variant, by name, with the same router and handler.
+pub async fn variants(oneloop_addr: SocketAddr) -> Vec<(&'static str, Router)> {
+    let local = local_verifier().await;
+    let remote = oneloop(oneloop_addr);
+    let gate = |b: keygate::ApiKeyLayerBuilder| b.routes(routes()).build().unwrap();
+    let off = |b: keygate::ApiKeyLayerBuilder| b.rate_limit_headers(HeaderStyle::Off);
+    vec![
+        ("bare", router()),
+        // Deprecated upstream as too basic for real use: exactly why it is the floor here.
+        #[allow(deprecated)]
+        ("static_bearer", router().layer(ValidateRequestHeaderLayer::bearer(&key(0)))),
+        ("hand_hashmap", router().layer(from_fn_with_state(Arc::new(hand_map()), hand_middleware))),
+        ("keygate_local", router().layer(gate(ApiKeyLayer::builder(local.clone())))),
+        ("keygate_local_limit", router().layer(gate(off(limited(ApiKeyLayer::builder(local.clone())))))),
+        ("keygate_local_limit_headers", router().layer(gate(limited(ApiKeyLayer::builder(local))))),
+        ("keygate_oneloop_warm", router().layer(gate(ApiKeyLayer::builder(remote.clone())))),
+        ("keygate_oneloop_warm_limit_headers", router().layer(gate(limited(ApiKeyLayer::builder(remote))))),
+    ]
+}
+
+/// Which keys a variant is called with: all 1 000, or the one static token.
+pub fn keys_for(variant: &str) -> Vec<String> {
+    if variant == "static_bearer" {
+        vec![key(0)]
+    } else {
+        (0..KEYS).map(key).collect()
+    }
+}
