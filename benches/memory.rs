@@ -9,7 +9,7 @@
 mod support;
 
 use keygate::cache::{CacheConfig, CachedVerifier};
-use keygate::limit::{Limiter, MemoryLimiter, RateLimit};
+use keygate::limit::{LimitRequest, Limiter, MemoryLimiter, RateLimit};
 use keygate::verify::{BoxFuture, KeyStatus, Verification, Verifier, VerifyError, VerifyRequest};
 use keygate::ApiKey;
 use std::sync::Arc;
@@ -81,7 +81,8 @@ fn measure(what: &str, n: usize) {
             rt.block_on(async {
                 for i in 0..n {
                     let id = format!("key_{i:06}");
-                    limiter.check_now(&id, &[(limit.clone(), 1)]).unwrap().unwrap();
+                    let limits = [(limit.clone(), 1)];
+                    limiter.check_now(&id, &LimitRequest { limits: &limits, usage: None }).unwrap().unwrap();
                 }
             });
             Box::new(limiter)

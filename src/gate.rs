@@ -6,7 +6,7 @@
 use crate::context::VerifiedKey;
 use crate::extract::Extractor;
 use crate::key::{ApiKey, KeyDigest, KeyFormat, PresentedKey, Redacted};
-use crate::limit::{self, HeaderStyle, LimitState, LimitVerdict, Limiter, RateLimit};
+use crate::limit::{self, HeaderStyle, LimitRequest, LimitState, LimitVerdict, RateLimit, Refusal, UsageCharge};
 use crate::reject::{Rejection, Responder};
 use crate::scope::{Action, RequiredScope, Route, RouteEntry, ScopeMap, Unmapped};
 use crate::usage::{allowance, Meter, UsageHandle, UsageOf};
@@ -31,7 +31,6 @@ pub(crate) struct Gate {
     pub(crate) fail_open: bool,
     /// Requests let through unverified by `fail_open`.
     pub(crate) fail_open_count: AtomicU64,
-    pub(crate) limiter: Arc<dyn Limiter>,
     /// Limits on every gated request.
     pub(crate) limits: Vec<RateLimit>,
     /// A metadata field holding a key's own limit, such as `100/60s`.
@@ -183,57 +182,49 @@ impl Gate {
         Ok(VerifiedKey::new(facts, verification.stale))
     }
 
-    /// Usage allowance, then rate limits (all or nothing), then the charge. A request refused at any
-    /// step is charged nothing.
+    /// Rate limits and usage allowance, decided together by the limiter (all or nothing), then the
+    /// charge reported. A refused request is charged nothing.
     fn enforce(self: &Arc<Self>, mut key: VerifiedKey, entry: &RouteEntry, raw: Option<ApiKey>) -> Admission {
         let facts = key.facts().clone();
         let usage = entry.policy.usage.clone();
-        let amount = usage.as_ref().map_or(0, |u| u.amount);
-        if let Some(allowed) = allowance(&facts).filter(|_| amount > 0) {
-            if !self.meter.ledger.reserve(&facts.id, allowed, amount) {
-                let rejection = Rejection::UsageLimited { payment_required: self.usage_payment_required };
-                return Admission::Reject(self.log(rejection, Some(&facts.id)));
-            }
-        }
+        let charge = usage.as_ref().filter(|u| u.amount > 0).and_then(|u| {
+            let (allowed, reported) = allowance(&facts)?;
+            Some(UsageCharge { allowed, reported, amount: u.amount })
+        });
         key.set_usage(UsageHandle::new(self.meter.clone(), facts.clone(), raw));
         let limits = self.limits_for(&facts, entry);
-        if limits.is_empty() {
-            self.charge(&key, usage.as_ref());
+        if limits.is_empty() && charge.is_none() {
+            self.report(&key, usage.as_ref());
             return Admission::Pass((Some(key), None));
         }
-        let finish = move |gate: &Gate, verdict: Result<LimitVerdict, limit::LimitError>| {
-            let refund = || {
-                if amount > 0 {
-                    gate.meter.ledger.refund(&key.facts().id, amount);
-                }
-            };
-            match verdict {
-                Ok(Ok(states)) => {
-                    gate.charge(&key, usage.as_ref());
-                    let headers = gate.rate_limit_headers(&states);
-                    key.set_rate_limits(states);
-                    Ok((Some(key), headers))
-                }
-                Ok(Err(denied)) => {
-                    refund();
-                    let rejection =
-                        Rejection::RateLimited { retry_after: denied.retry_after, limit: Some(denied.limit) };
-                    Err(gate.log(rejection, Some(&key.facts().id)))
-                }
-                Err(error) => {
-                    refund();
-                    tracing::warn!(%error, "keygate: rate limiter failed; refusing with 503");
-                    Err(Rejection::Unavailable { retry_after: gate.unavailable_retry_after })
-                }
+        let finish = move |gate: &Gate, verdict: Result<LimitVerdict, limit::LimitError>| match verdict {
+            Ok(Ok(states)) => {
+                gate.report(&key, usage.as_ref());
+                let headers = gate.rate_limit_headers(&states);
+                key.set_rate_limits(states);
+                Ok((Some(key), headers))
+            }
+            Ok(Err(Refusal::Rate(denied))) => {
+                let rejection = Rejection::RateLimited { retry_after: denied.retry_after, limit: Some(denied.limit) };
+                Err(gate.log(rejection, Some(&key.facts().id)))
+            }
+            Ok(Err(Refusal::Usage)) => {
+                let rejection = Rejection::UsageLimited { payment_required: gate.usage_payment_required };
+                Err(gate.log(rejection, Some(&key.facts().id)))
+            }
+            Err(error) => {
+                tracing::warn!(%error, "keygate: limiter failed; refusing with 503");
+                Err(Rejection::Unavailable { retry_after: gate.unavailable_retry_after })
             }
         };
-        match self.limiter.check_now(&facts.id, &limits) {
+        let request = LimitRequest { limits: &limits, usage: charge };
+        match self.meter.limiter.check_now(&facts.id, &request) {
             Some(verdict) => match finish(self, Ok(verdict)) {
                 Ok(passed) => Admission::Pass(passed),
                 Err(rejection) => Admission::Reject(rejection),
             },
             None => {
-                let (gate, check) = (Arc::clone(self), self.limiter.check(&facts.id, &limits));
+                let (gate, check) = (Arc::clone(self), self.meter.limiter.check(&facts.id, &request));
                 Admission::Pending(Box::pin(async move { finish(&gate, check.await) }))
             }
         }
@@ -260,7 +251,7 @@ impl Gate {
             .collect()
     }
 
-    fn charge(&self, key: &VerifiedKey, usage: Option<&crate::usage::RouteUsage>) {
+    fn report(&self, key: &VerifiedKey, usage: Option<&crate::usage::RouteUsage>) {
         if let Some(u) = usage {
             let of = UsageOf { key_id: &key.facts().id, key: key.usage().key() };
             self.meter.charge(of, u.name.as_deref(), u.amount);

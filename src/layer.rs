@@ -206,7 +206,8 @@ impl ApiKeyLayerBuilder {
         self
     }
 
-    /// Where rate-limit counters live (default: a [`MemoryLimiter`] per layer).
+    /// Where rate-limit and usage counters live (default: a [`MemoryLimiter`] per layer; a
+    /// `RedisLimiter` shares them between instances).
     pub fn limiter(mut self, limiter: impl Limiter) -> Self {
         self.limiter = Some(Arc::new(limiter));
         self
@@ -271,11 +272,13 @@ impl ApiKeyLayerBuilder {
             unavailable_retry_after: self.unavailable_retry_after,
             fail_open: self.fail_open,
             fail_open_count: Default::default(),
-            limiter: self.limiter.unwrap_or_else(|| Arc::new(MemoryLimiter::new())),
             limits: self.limits,
             metadata_limit: self.metadata_limit,
             header_style: self.header_style,
-            meter: Arc::new(Meter { ledger: Default::default(), sink: self.sink }),
+            meter: Arc::new(Meter {
+                limiter: self.limiter.unwrap_or_else(|| Arc::new(MemoryLimiter::new())),
+                sink: self.sink,
+            }),
             usage_payment_required: self.usage_payment_required,
         };
         Ok(ApiKeyLayer { gate: Arc::new(gate) })

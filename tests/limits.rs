@@ -7,13 +7,18 @@ use axum::body::Body;
 use axum::routing::get;
 use axum::Router;
 use http::{Request, StatusCode};
-use keygate::limit::{HeaderStyle, Limiter, MemoryLimiter, RateLimit};
+use keygate::limit::{HeaderStyle, LimitRequest, LimitVerdict, Limiter, MemoryLimiter, RateLimit, Refusal};
 
 use keygate::{ApiKeyLayer, KeyFacts, KeyFormat, LocalVerifier, RoutePolicy, ScopeMap, VerifiedKey};
 use proptest::prelude::*;
 use std::sync::Arc;
 use std::time::Duration;
 use tower::ServiceExt;
+
+/// One check of `limits` for key `key`, with no usage.
+fn check(limiter: &MemoryLimiter, key: &str, limits: &[(RateLimit, u64)]) -> LimitVerdict {
+    limiter.check_now(key, &LimitRequest { limits, usage: None }).unwrap()
+}
 
 fn paused_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap()
@@ -26,14 +31,15 @@ proptest! {
     /// a microsecond earlier is still refused, at it the request passes.
     #[test]
     fn exactly_limit_from_a_standing_start_and_an_honest_retry_after(
-        limit in 1u64..500,
+        extra in 0u64..500,
         window_ms in 1u64..120_000,
         cost in 1u64..4,
     ) {
+        let limit = cost + extra;
         paused_runtime().block_on(async {
             let limiter = MemoryLimiter::new();
             let rl = RateLimit::new("p", limit, Duration::from_millis(window_ms)).unwrap();
-            let check = || limiter.check_now("k", &[(rl.clone(), cost)]).unwrap();
+            let check = || check(&limiter, "k", &[(rl.clone(), cost)]);
             let mut passed = 0;
             let denied = loop {
                 match check() {
@@ -41,7 +47,8 @@ proptest! {
                         passed += cost;
                         prop_assert_eq!(states[0].remaining, limit - passed, "remaining is in cost units");
                     }
-                    Err(denied) => break denied,
+                    Err(Refusal::Rate(denied)) => break denied,
+                    Err(Refusal::Usage) => unreachable!(),
                 }
                 prop_assert!(passed <= limit);
             };
@@ -72,9 +79,10 @@ proptest! {
             for gap in gaps {
                 tokio::time::advance(Duration::from_millis(gap)).await;
                 now += Duration::from_millis(gap);
-                match limiter.check_now("k", &[(rl.clone(), 1)]).unwrap() {
+                match check(&limiter, "k", &[(rl.clone(), 1)]) {
                     Ok(_) => passes.push(now),
-                    Err(denied) => prop_assert!(denied.retry_after <= window && denied.retry_after > Duration::ZERO),
+                    Err(Refusal::Rate(denied)) => prop_assert!(denied.retry_after <= window && denied.retry_after > Duration::ZERO),
+                    Err(Refusal::Usage) => unreachable!(),
                 }
                 let recent = passes.iter().filter(|t| now.saturating_sub(**t) < window).count() as u64;
                 prop_assert!(recent <= 2 * limit, "{recent} in one window's span");
@@ -85,18 +93,35 @@ proptest! {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_cost_above_the_limit_never_passes_and_says_so() {
+    let limiter = MemoryLimiter::new();
+    let rl = RateLimit::new("p", 2, Duration::from_secs(10)).unwrap();
+    for _ in 0..3 {
+        match check(&limiter, "k", &[(rl.clone(), 3)]) {
+            Err(Refusal::Rate(denied)) => assert_eq!(denied.retry_after, Duration::from_secs(10)),
+            other => panic!("{other:?}"),
+        }
+        tokio::time::advance(Duration::from_secs(10)).await;
+    }
+    assert_eq!(limiter.key_count(), 0, "a refusal leaves no state");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_request_refused_by_one_limit_consumes_nothing_from_the_others() {
     let limiter = MemoryLimiter::new();
     let wide = RateLimit::per_minute("wide", 10).unwrap();
     let narrow = RateLimit::per_minute("narrow", 2).unwrap();
     let both = [(wide.clone(), 1), (narrow.clone(), 1)];
-    assert!(limiter.check_now("k", &both).unwrap().is_ok());
-    assert!(limiter.check_now("k", &both).unwrap().is_ok());
+    assert!(check(&limiter, "k", &both).is_ok());
+    assert!(check(&limiter, "k", &both).is_ok());
     for _ in 0..5 {
-        assert_eq!(limiter.check_now("k", &both).unwrap().unwrap_err().limit, narrow);
+        assert_eq!(
+            check(&limiter, "k", &both),
+            Err(Refusal::Rate(keygate::limit::Denied { limit: narrow.clone(), retry_after: Duration::from_secs(60) }))
+        );
     }
     // `wide` saw 2 requests, not 7.
-    assert_eq!(limiter.check_now("k", &[(wide, 1)]).unwrap().unwrap()[0].remaining, 7);
+    assert_eq!(check(&limiter, "k", &[(wide, 1)]).unwrap()[0].remaining, 7);
 }
 
 async fn verifier_with_key(facts: KeyFacts) -> (LocalVerifier, String) {
@@ -229,7 +254,7 @@ async fn idle_keys_are_forgotten() {
     let limiter = MemoryLimiter::new();
     let rl = RateLimit::new("p", 5, Duration::from_secs(1)).unwrap();
     for i in 0..1000 {
-        assert!(limiter.check_now(&format!("key-{i}"), &[(rl.clone(), 1)]).unwrap().is_ok());
+        assert!(check(&limiter, &format!("key-{i}"), &[(rl.clone(), 1)]).is_ok());
     }
     assert_eq!(limiter.key_count(), 1000);
     tokio::time::advance(Duration::from_secs(2)).await;
@@ -237,11 +262,11 @@ async fn idle_keys_are_forgotten() {
     assert_eq!(limiter.key_count(), 0);
     // And without an explicit sweep, new keys push the old ones out as they arrive.
     for i in 0..1000 {
-        assert!(limiter.check_now(&format!("key-{i}"), &[(rl.clone(), 1)]).unwrap().is_ok());
+        assert!(check(&limiter, &format!("key-{i}"), &[(rl.clone(), 1)]).is_ok());
     }
     tokio::time::advance(Duration::from_secs(2)).await;
     for i in 1000..3000 {
-        assert!(limiter.check_now(&format!("key-{i}"), &[(rl.clone(), 1)]).unwrap().is_ok());
+        assert!(check(&limiter, &format!("key-{i}"), &[(rl.clone(), 1)]).is_ok());
     }
     assert!(limiter.key_count() < 3000, "{}", limiter.key_count());
 }

@@ -1,6 +1,7 @@
 //! The in-memory limiter: fixed windows anchored at each key's first request.
 
-use super::{Denied, LimitState, LimitVerdict, Limiter, RateLimit};
+use super::{Denied, LimitRequest, LimitState, LimitVerdict, Limiter, RateLimit, Refusal};
+use crate::usage::Ledger;
 use crate::verify::BoxFuture;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -28,10 +29,10 @@ const SHARDS: usize = 16;
 /// pause it.
 ///
 /// ```
-/// use keygate::limit::{Limiter, MemoryLimiter, RateLimit};
+/// use keygate::limit::{LimitRequest, Limiter, MemoryLimiter, RateLimit};
 /// let limiter = MemoryLimiter::new();
 /// let limit = RateLimit::per_minute("default", 2).unwrap();
-/// let check = || limiter.check_now("key_1", &[(limit.clone(), 1)]).unwrap();
+/// let check = || limiter.check_now("key_1", &LimitRequest { limits: &[(limit.clone(), 1)], usage: None }).unwrap();
 /// assert!(check().is_ok());
 /// assert_eq!(check().unwrap()[0].remaining, 0);
 /// assert!(check().is_err());
@@ -39,6 +40,8 @@ const SHARDS: usize = 16;
 pub struct MemoryLimiter {
     origin: Instant,
     shards: [Mutex<Shard>; SHARDS],
+    /// Usage counted against allowances.
+    ledger: Ledger,
 }
 
 #[derive(Default)]
@@ -79,7 +82,7 @@ impl Default for MemoryLimiter {
 impl MemoryLimiter {
     /// An empty limiter.
     pub fn new() -> Self {
-        Self { origin: Instant::now(), shards: std::array::from_fn(|_| Mutex::default()) }
+        Self { origin: Instant::now(), shards: std::array::from_fn(|_| Mutex::default()), ledger: Ledger::default() }
     }
 
     /// How many key ids have state. Idle keys are swept as new keys arrive; [`sweep`](Self::sweep)
@@ -104,9 +107,10 @@ impl MemoryLimiter {
         &self.shards[h.finish() as usize % SHARDS]
     }
 
-    fn decide(&self, key_id: &str, limits: &[(RateLimit, u64)]) -> LimitVerdict {
+    fn decide(&self, key_id: &str, request: &LimitRequest<'_>) -> LimitVerdict {
+        let limits = request.limits;
         if limits.is_empty() {
-            return Ok(Vec::new());
+            return self.take_usage(key_id, request).map(|()| Vec::new());
         }
         let now = self.now();
         let mut shard = lock(self.shard(key_id));
@@ -121,10 +125,12 @@ impl MemoryLimiter {
             if *cost > left {
                 // A cost above the whole limit never passes; say so with a full window.
                 let wait = if *cost > limit.limit() { limit.window().as_nanos() } else { end - now };
-                return Err(Denied { limit: limit.clone(), retry_after: nanos(wait) });
+                return Err(Refusal::Rate(Denied { limit: limit.clone(), retry_after: nanos(wait) }));
             }
             states.push(LimitState { limit: limit.clone(), remaining: left - cost, reset: nanos(end - now) });
         }
+        // Usage last: under the shard lock, so a refusal here leaves every window as it was.
+        self.take_usage(key_id, request)?;
         let is_new = !shard.keys.contains_key(key_id);
         let windows = shard.keys.entry(key_id.into()).or_default();
         for ((limit, cost), state) in limits.iter().zip(&states) {
@@ -146,6 +152,15 @@ impl MemoryLimiter {
     }
 }
 
+impl MemoryLimiter {
+    fn take_usage(&self, key_id: &str, request: &LimitRequest<'_>) -> Result<(), Refusal> {
+        match request.usage {
+            Some(u) if !self.ledger.reserve(key_id, (u.allowed, u.reported), u.amount) => Err(Refusal::Usage),
+            _ => Ok(()),
+        }
+    }
+}
+
 fn lock(m: &Mutex<Shard>) -> std::sync::MutexGuard<'_, Shard> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -155,17 +170,21 @@ fn nanos(n: u128) -> Duration {
 }
 
 impl Limiter for MemoryLimiter {
-    fn check_now(&self, key_id: &str, limits: &[(RateLimit, u64)]) -> Option<LimitVerdict> {
-        Some(self.decide(key_id, limits))
+    fn check_now(&self, key_id: &str, request: &LimitRequest<'_>) -> Option<LimitVerdict> {
+        Some(self.decide(key_id, request))
     }
 
     fn check(
         &self,
         key_id: &str,
-        limits: &[(RateLimit, u64)],
+        request: &LimitRequest<'_>,
     ) -> BoxFuture<'static, Result<LimitVerdict, super::LimitError>> {
-        let verdict = self.decide(key_id, limits);
+        let verdict = self.decide(key_id, request);
         Box::pin(async move { Ok(verdict) })
+    }
+
+    fn charge(&self, key_id: &str, amount: u64) {
+        self.ledger.charge(key_id, amount);
     }
 }
 

@@ -1,15 +1,20 @@
-//! Rate limits: what a limit is ([`RateLimit`]), the [`Limiter`] that keeps the counters, and the
-//! response headers.
+//! Rate limits and usage counters: what a limit is ([`RateLimit`]), the [`Limiter`] that keeps the
+//! counters, and the response headers.
 //!
-//! Limits are counters, never cached facts: they live in the limiter (memory here, Redis with the
-//! `redis` feature), keyed by the verified key's id, never by the raw header, so random keys
-//! create no state.
+//! Limits and usage are counters, never cached facts: they live in the limiter (memory here, Redis
+//! with the `redis` feature), keyed by the verified key's id, never by the raw header, so random
+//! keys create no state. One call decides a request's rate limits and its usage together, all or
+//! nothing.
 
 mod headers;
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 
 pub use headers::HeaderStyle;
 pub use memory::MemoryLimiter;
+#[cfg(feature = "redis")]
+pub use redis::{Fallback, RedisLimiter};
 
 pub(crate) use headers::{apply as apply_headers, most_restrictive};
 
@@ -140,8 +145,37 @@ pub struct Denied {
     pub retry_after: Duration,
 }
 
-/// The limiter's verdict on one request against all its limits.
-pub type LimitVerdict = Result<Vec<LimitState>, Denied>;
+/// Usage a request would take from its key's allowance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageCharge {
+    /// What the key may use in total.
+    pub allowed: u128,
+    /// What its verifier last reported as used (0 when the limiter keeps the whole count).
+    pub reported: u128,
+    /// What this request takes.
+    pub amount: u64,
+}
+
+/// What one request asks of the limiter: its rate limits, each with its cost, and its usage.
+#[derive(Debug, Clone, Copy)]
+pub struct LimitRequest<'a> {
+    /// The limits and the request's cost against each.
+    pub limits: &'a [(RateLimit, u64)],
+    /// The usage to take, if the request has any and the key an allowance.
+    pub usage: Option<UsageCharge>,
+}
+
+/// Why a request was refused. Nothing was consumed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// A rate limit is spent.
+    Rate(Denied),
+    /// The usage would pass the key's allowance.
+    Usage,
+}
+
+/// The limiter's verdict on one request: the state of each limit it passed, or the refusal.
+pub type LimitVerdict = Result<Vec<LimitState>, Refusal>;
 
 /// The limiter could not decide (its backend is unreachable).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,25 +189,33 @@ impl fmt::Display for LimitError {
 
 impl std::error::Error for LimitError {}
 
-/// Keeps rate-limit counters. Several limits on one request are decided together: all pass and
-/// are consumed, or none is.
+/// Keeps rate-limit and usage counters. A request's limits and usage are decided together: all pass
+/// and are consumed, or none is.
 pub trait Limiter: Send + Sync + 'static {
     /// Decides without I/O if it can; `None` sends the request to [`Limiter::check`].
-    fn check_now(&self, key_id: &str, limits: &[(RateLimit, u64)]) -> Option<LimitVerdict> {
-        let _ = (key_id, limits);
+    fn check_now(&self, key_id: &str, request: &LimitRequest<'_>) -> Option<LimitVerdict> {
+        let _ = (key_id, request);
         None
     }
 
-    /// Decides, with whatever I/O it takes. Each limit comes with the request's cost.
-    fn check(&self, key_id: &str, limits: &[(RateLimit, u64)]) -> BoxFuture<'static, Result<LimitVerdict, LimitError>>;
+    /// Decides, with whatever I/O it takes.
+    fn check(&self, key_id: &str, request: &LimitRequest<'_>) -> BoxFuture<'static, Result<LimitVerdict, LimitError>>;
+
+    /// Counts usage that already happened (added by a handler after the fact): never refused, never
+    /// waited for.
+    fn charge(&self, key_id: &str, amount: u64);
 }
 
 impl<L: Limiter + ?Sized> Limiter for Arc<L> {
-    fn check_now(&self, key_id: &str, limits: &[(RateLimit, u64)]) -> Option<LimitVerdict> {
-        (**self).check_now(key_id, limits)
+    fn check_now(&self, key_id: &str, request: &LimitRequest<'_>) -> Option<LimitVerdict> {
+        (**self).check_now(key_id, request)
     }
 
-    fn check(&self, key_id: &str, limits: &[(RateLimit, u64)]) -> BoxFuture<'static, Result<LimitVerdict, LimitError>> {
-        (**self).check(key_id, limits)
+    fn check(&self, key_id: &str, request: &LimitRequest<'_>) -> BoxFuture<'static, Result<LimitVerdict, LimitError>> {
+        (**self).check(key_id, request)
+    }
+
+    fn charge(&self, key_id: &str, amount: u64) {
+        (**self).charge(key_id, amount)
     }
 }

@@ -5,9 +5,13 @@
 
 mod file;
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 
 pub use file::{KeyFile, LoadError};
 pub use memory::MemoryStore;
+#[cfg(feature = "redis")]
+pub use redis::RedisKeyStore;
 
 use crate::key::{KeyDigest, PresentedKey};
 use crate::verify::{BoxFuture, KeyFacts, KeyStatus};

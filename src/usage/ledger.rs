@@ -40,13 +40,6 @@ impl Ledger {
         true
     }
 
-    /// Gives back a reservation (the request was refused later on).
-    pub(crate) fn refund(&self, key_id: &str, amount: u64) {
-        if let Some(e) = self.keys.lock().unwrap_or_else(PoisonError::into_inner).get_mut(key_id) {
-            e.local = e.local.saturating_sub(amount as u128);
-        }
-    }
-
     /// Counts usage that happened already (no allowance check).
     pub(crate) fn charge(&self, key_id: &str, amount: u64) {
         let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
@@ -69,8 +62,6 @@ mod tests {
         let l = Ledger::default();
         assert!(l.reserve("k", (10, 0), 6));
         assert!(!l.reserve("k", (10, 0), 5), "6 + 5 > 10");
-        assert!(l.reserve("k", (10, 0), 4));
-        l.refund("k", 4);
         assert_eq!(l.local("k"), 6);
         // The verifier now reports the 6 as used: they are not counted twice.
         assert!(l.reserve("k", (10, 6), 4));

@@ -18,6 +18,7 @@ pub use batcher::{BatchConfig, UsageBatcher};
 pub(crate) use ledger::Ledger;
 
 use crate::key::ApiKey;
+use crate::limit::Limiter;
 use crate::verify::KeyFacts;
 use std::fmt;
 use std::sync::Arc;
@@ -73,9 +74,10 @@ pub(crate) fn allowance(facts: &KeyFacts) -> Option<(u128, u128)> {
     }
 }
 
-/// The layer's usage machinery: the ledger that enforces allowances and the sink that reports.
+/// The layer's counters and where usage is reported: the limiter keeps rate limits and usage
+/// against allowances, the sink reports usage.
 pub(crate) struct Meter {
-    pub(crate) ledger: Ledger,
+    pub(crate) limiter: Arc<dyn Limiter>,
     pub(crate) sink: Option<Arc<dyn UsageSink>>,
 }
 
@@ -136,7 +138,7 @@ impl UsageHandle {
     /// allowance for later requests (it is never refused: the work is done) and reported.
     pub fn add(&self, name: &str, amount: u64) {
         let Some(h) = &self.inner else { return };
-        h.meter.ledger.charge(&h.facts.id, amount);
+        h.meter.limiter.charge(&h.facts.id, amount);
         let of = UsageOf { key_id: &h.facts.id, key: h.key.as_ref() };
         h.meter.charge(of, Some(name).filter(|n| !n.is_empty()), amount);
     }
