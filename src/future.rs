@@ -2,10 +2,11 @@
 
 use crate::body::ResponseBody;
 use crate::gate::{Gate, Passed};
+use crate::limit::RateLimitHeaders;
 use crate::reject::Rejection;
 use crate::verify::BoxFuture;
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response};
+use http::{Request, Response};
 use pin_project_lite::pin_project;
 use std::future::Future;
 use std::pin::Pin;
@@ -30,7 +31,7 @@ pin_project! {
     where
         S: Service<Request<ReqB>>,
     {
-        Called { #[pin] future: S::Future, headers: Option<HeaderMap> },
+        Called { #[pin] future: S::Future, headers: Option<RateLimitHeaders> },
         Rejected { response: Option<Response<Bytes>> },
         Verifying {
             verdict: BoxFuture<'static, Result<Passed, Rejection>>,
@@ -41,7 +42,7 @@ pin_project! {
 }
 
 impl<S: Service<Request<ReqB>>, ReqB> ResponseFuture<S, ReqB> {
-    pub(crate) fn called(future: S::Future, headers: Option<HeaderMap>) -> Self {
+    pub(crate) fn called(future: S::Future, headers: Option<RateLimitHeaders>) -> Self {
         Self { state: State::Called { future, headers } }
     }
 
@@ -71,7 +72,7 @@ where
                 StateProj::Called { future, headers } => {
                     let mut res = ready!(future.poll(cx))?;
                     if let Some(headers) = headers.take() {
-                        res.headers_mut().extend(headers);
+                        headers.insert_into(res.headers_mut());
                     }
                     return Poll::Ready(Ok(res.map(ResponseBody::new)));
                 }

@@ -6,13 +6,15 @@
 use crate::context::VerifiedKey;
 use crate::extract::Extractor;
 use crate::key::{ApiKey, KeyDigest, KeyFormat, PresentedKey, Redacted};
-use crate::limit::{self, HeaderStyle, LimitRequest, LimitState, LimitVerdict, RateLimit, Refusal, UsageCharge};
+use crate::limit::{
+    self, HeaderStyle, LimitRequest, LimitState, LimitVerdict, RateLimit, RateLimitHeaders, Refusal, UsageCharge,
+};
 use crate::reject::{Rejection, Responder};
 use crate::scope::{Action, RequiredScope, Route, RouteEntry, ScopeMap, Unmapped};
 use crate::usage::{allowance, Meter, UsageHandle, UsageOf};
 use crate::verify::{Billing, BoxFuture, KeyStatus, RateLimitConfig, Verification, Verifier, VerifyRequest};
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response};
+use http::{Method, Request, Response};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -42,7 +44,7 @@ pub(crate) struct Gate {
 }
 
 /// A request let through: its verified key (if any) and the rate-limit headers for its response.
-pub(crate) type Passed = (Option<VerifiedKey>, Option<HeaderMap>);
+pub(crate) type Passed = (Option<VerifiedKey>, Option<RateLimitHeaders>);
 
 /// The gate's verdict on a request, as far as it can tell without waiting.
 pub(crate) enum Admission {
@@ -200,7 +202,7 @@ impl Gate {
         let finish = move |gate: &Gate, verdict: Result<LimitVerdict, limit::LimitError>| match verdict {
             Ok(Ok(states)) => {
                 gate.report(&key, usage.as_ref());
-                let headers = gate.rate_limit_headers(&states);
+                let headers = RateLimitHeaders::new(gate.header_style, &states);
                 key.set_rate_limits(states);
                 Ok((Some(key), headers))
             }
@@ -258,15 +260,6 @@ impl Gate {
         }
     }
 
-    fn rate_limit_headers(&self, states: &[LimitState]) -> Option<HeaderMap> {
-        if self.header_style == HeaderStyle::Off || states.is_empty() {
-            return None;
-        }
-        let mut headers = HeaderMap::new();
-        limit::apply_headers(&mut headers, self.header_style, states);
-        Some(headers)
-    }
-
     fn refuse(&self, rejection: Rejection, key: Option<&str>) -> Admission {
         if let Some(key) = key {
             tracing::debug!(%rejection, key = %Redacted::of(key), "keygate: refused");
@@ -286,7 +279,9 @@ impl Gate {
         let mut response = self.responder.respond(rejection);
         if let Rejection::RateLimited { retry_after, limit: Some(limit) } = rejection {
             let state = LimitState { limit: limit.clone(), remaining: 0, reset: *retry_after };
-            limit::apply_headers(response.headers_mut(), self.header_style, &[state]);
+            if let Some(headers) = RateLimitHeaders::new(self.header_style, &[state]) {
+                headers.insert_into(response.headers_mut());
+            }
         }
         response
     }

@@ -7,6 +7,7 @@
 use super::LimitState;
 use crate::reject::retry_after_secs;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
+use std::io::Write;
 
 /// Which rate-limit headers gated responses carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -25,28 +26,43 @@ pub(crate) fn most_restrictive(states: &[LimitState]) -> Option<&LimitState> {
     states.iter().min_by(|a, b| a.remaining.cmp(&b.remaining).then(b.reset.cmp(&a.reset)))
 }
 
-pub(crate) fn apply(headers: &mut HeaderMap, style: HeaderStyle, states: &[LimitState]) {
-    if style == HeaderStyle::Off {
-        return;
+/// The header values of one response, made on the request path and set on the response.
+pub(crate) struct RateLimitHeaders {
+    policy: HeaderValue,
+    current: HeaderValue,
+    legacy: Option<[HeaderValue; 3]>,
+}
+
+impl RateLimitHeaders {
+    pub(crate) fn new(style: HeaderStyle, states: &[LimitState]) -> Option<Self> {
+        let top = most_restrictive(states).filter(|_| style != HeaderStyle::Off)?;
+        let reset = retry_after_secs(top.reset).min(top.limit.window().as_secs().max(1));
+        // One limit (the usual case) reuses its policy value, rendered when the limit was made.
+        let policy = match states {
+            [one] => one.limit.policy().clone(),
+            many => {
+                let joined: Vec<&[u8]> = many.iter().map(|s| s.limit.policy().as_bytes()).collect();
+                HeaderValue::from_bytes(&joined.join(&b", "[..])).ok()?
+            }
+        };
+        // Names are token characters and numbers are digits: at most 64 + 45 bytes, on the stack.
+        let mut buf = [0u8; 128];
+        let mut w = &mut buf[..];
+        write!(w, "\"{}\";r={};t={reset}", top.limit.name(), top.remaining).ok()?;
+        let len = 128 - w.len();
+        let current = HeaderValue::from_bytes(&buf[..len]).ok()?;
+        let legacy = (style == HeaderStyle::IetfAndLegacy)
+            .then(|| [top.limit.limit().into(), top.remaining.into(), HeaderValue::from(reset)]);
+        Some(Self { policy, current, legacy })
     }
-    let Some(top) = most_restrictive(states) else { return };
-    let reset = retry_after_secs(top.reset).min(top.limit.window().as_secs().max(1));
-    let name = top.limit.name();
-    let policies: Vec<String> = states
-        .iter()
-        .map(|s| format!("\"{}\";q={};w={}", s.limit.name(), s.limit.limit(), retry_after_secs(s.limit.window())))
-        .collect();
-    // Names are checked to be token characters, so these values are always valid.
-    let mut put = |name: &'static str, value: String| {
-        if let Ok(v) = HeaderValue::try_from(value) {
-            headers.insert(HeaderName::from_static(name), v);
+
+    pub(crate) fn insert_into(self, headers: &mut HeaderMap) {
+        headers.insert(HeaderName::from_static("ratelimit-policy"), self.policy);
+        headers.insert(HeaderName::from_static("ratelimit"), self.current);
+        if let Some([limit, remaining, reset]) = self.legacy {
+            headers.insert(HeaderName::from_static("x-ratelimit-limit"), limit);
+            headers.insert(HeaderName::from_static("x-ratelimit-remaining"), remaining);
+            headers.insert(HeaderName::from_static("x-ratelimit-reset"), reset);
         }
-    };
-    put("ratelimit-policy", policies.join(", "));
-    put("ratelimit", format!("\"{name}\";r={};t={reset}", top.remaining));
-    if style == HeaderStyle::IetfAndLegacy {
-        put("x-ratelimit-limit", top.limit.limit().to_string());
-        put("x-ratelimit-remaining", top.remaining.to_string());
-        put("x-ratelimit-reset", reset.to_string());
     }
 }

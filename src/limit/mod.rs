@@ -16,7 +16,7 @@ pub use memory::MemoryLimiter;
 #[cfg(feature = "redis")]
 pub use redis::{Fallback, RedisLimiter};
 
-pub(crate) use headers::{apply as apply_headers, most_restrictive};
+pub(crate) use headers::{most_restrictive, RateLimitHeaders};
 
 use crate::verify::BoxFuture;
 use std::fmt;
@@ -38,6 +38,8 @@ pub struct RateLimit {
     name: Arc<str>,
     limit: u64,
     window: Duration,
+    /// Its `RateLimit-Policy` item, rendered once.
+    policy: http::HeaderValue,
 }
 
 /// A limit of zero, a window under a millisecond, or an empty name.
@@ -61,7 +63,9 @@ impl RateLimit {
         if !name_ok || limit == 0 || window < Duration::from_millis(1) {
             return Err(InvalidLimit(format!("{name:?} {limit}/{window:?}")));
         }
-        Ok(Self { name: name.into(), limit, window })
+        let policy = format!("\"{name}\";q={limit};w={}", crate::reject::retry_after_secs(window));
+        let policy = http::HeaderValue::try_from(policy).map_err(|_| InvalidLimit(name.to_owned()))?;
+        Ok(Self { name: name.into(), limit, window, policy })
     }
 
     /// `limit` per minute (the default window).
@@ -82,6 +86,10 @@ impl RateLimit {
     /// The window.
     pub fn window(&self) -> Duration {
         self.window
+    }
+
+    pub(crate) fn policy(&self) -> &http::HeaderValue {
+        &self.policy
     }
 }
 
