@@ -43,16 +43,7 @@ fn measure(what: &str, n: usize) {
         "hand_hashmap" => Box::new(
             keys.iter()
                 .enumerate()
-                .map(|(i, k)| {
-                    let f = support::facts(i);
-                    let ctx = support::HandContext {
-                        id: f.id,
-                        scopes: f.scopes,
-                        metadata: f.metadata,
-                        customer_id: f.customer_id,
-                    };
-                    (k.clone(), Arc::new(ctx))
-                })
+                .map(|(i, k)| (k.clone(), Arc::new(support::hand_context(i))))
                 .collect::<std::collections::HashMap<_, _>>(),
         ),
         "keygate_cache" => {

@@ -4,8 +4,7 @@
 use crate::limit::{most_restrictive, LimitState};
 use crate::scope::Scope;
 use crate::usage::UsageHandle;
-use crate::verify::KeyFacts;
-use std::collections::BTreeMap;
+use crate::verify::{KeyFacts, Metadata};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -96,7 +95,7 @@ impl VerifiedKey {
     }
 
     /// The key's metadata.
-    pub fn metadata(&self) -> &BTreeMap<String, String> {
+    pub fn metadata(&self) -> &Metadata {
         &self.facts.metadata
     }
 

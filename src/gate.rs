@@ -246,7 +246,7 @@ impl Gate {
         self.limits
             .iter()
             .chain(&entry.policy.limits)
-            .chain(&facts.rate_limit)
+            .chain(facts.rate_limit.as_deref())
             .cloned()
             .chain(from_metadata)
             .map(|l| (l, cost))

@@ -54,21 +54,31 @@ pub async fn local_verifier() -> LocalVerifier {
 #[derive(Clone, Debug)]
 pub struct HandContext {
     pub id: String,
+    pub name: Option<String>,
     pub scopes: Vec<Scope>,
     pub metadata: BTreeMap<String, String>,
     pub customer_id: Option<String>,
 }
 
+/// What a user would hold metadata in.
+pub fn hand_metadata(m: &keygate::verify::Metadata) -> BTreeMap<String, String> {
+    m.iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
+}
+
+/// Key `i`'s facts, as a user would hold them.
+pub fn hand_context(i: usize) -> HandContext {
+    let f = facts(i);
+    HandContext {
+        id: f.id,
+        name: f.name,
+        scopes: f.scopes,
+        metadata: hand_metadata(&f.metadata),
+        customer_id: f.customer_id,
+    }
+}
+
 pub fn hand_map() -> HashMap<String, Arc<HandContext>> {
-    (0..KEYS)
-        .map(|i| {
-            let f = facts(i);
-            (
-                key(i),
-                Arc::new(HandContext { id: f.id, scopes: f.scopes, metadata: f.metadata, customer_id: f.customer_id }),
-            )
-        })
-        .collect()
+    (0..KEYS).map(|i| (key(i), Arc::new(hand_context(i)))).collect()
 }
 
 async fn hand_middleware(

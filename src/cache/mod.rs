@@ -83,30 +83,34 @@ impl CacheConfig {
 }
 
 struct Entry {
-    answer: Verification,
-    /// The key's SHA-256, for invalidations that arrive as digests.
-    digest: KeyDigest,
-    /// When the upstream call that produced this entry started.
-    started: Instant,
-    fresh_until: Instant,
-    keep_until: Instant,
+    answer: Answer,
+    /// The first 8 bytes of the key's SHA-256, for invalidations that arrive as digests (a shared
+    /// prefix can only drop an entry too many, never keep one).
+    digest: u64,
+    /// When the upstream call that produced this entry started, and until when the entry is fresh
+    /// and may be kept; in nanoseconds since the cache was made (8 bytes, not an `Instant`'s 16).
+    started: u64,
+    fresh_until: u64,
+    keep_until: u64,
 }
 
-struct KeepUntil;
+/// A [`Verification`] as the cache keeps it: the rare rate-limit state boxed.
+struct Answer {
+    status: KeyStatus,
+    facts: Option<Arc<crate::verify::KeyFacts>>,
+    rate_limit: Option<Box<crate::verify::RateLimitState>>,
+}
 
-impl moka::Expiry<Fingerprint, Arc<Entry>> for KeepUntil {
-    fn expire_after_create(&self, _: &Fingerprint, e: &Arc<Entry>, now: Instant) -> Option<Duration> {
-        Some(e.keep_until.saturating_duration_since(now))
+impl Answer {
+    fn of(v: &Verification) -> Self {
+        Self { status: v.status, facts: v.facts.clone(), rate_limit: v.rate_limit.map(Box::new) }
     }
 
-    fn expire_after_update(
-        &self,
-        _: &Fingerprint,
-        e: &Arc<Entry>,
-        now: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(e.keep_until.saturating_duration_since(now))
+    fn to_verification(&self, stale: bool) -> Verification {
+        let mut v = Verification::invalid();
+        (v.status, v.facts, v.rate_limit, v.stale) =
+            (self.status, self.facts.clone(), self.rate_limit.as_deref().copied(), stale);
+        v
     }
 }
 
@@ -134,6 +138,8 @@ impl<V> Clone for CachedVerifier<V> {
 
 struct Shared<V> {
     verifier: V,
+    /// What entries' times count from.
+    base: Instant,
     cache: Cache<Fingerprint, Arc<Entry>>,
     /// When recently invalidated keys were invalidated: answers from calls started before that are
     /// not stored.
@@ -147,16 +153,19 @@ struct Shared<V> {
 impl<V: Verifier> CachedVerifier<V> {
     /// Caches `verifier`'s answers.
     pub fn new(verifier: V, config: CacheConfig) -> Self {
+        // One TTL for the whole cache (an entry's own freshness and stale window are checked on
+        // read): moka then keeps no per-entry timer, which is most of its per-entry memory.
         let cache = Cache::builder()
             .max_capacity(config.max_entries)
-            .expire_after(KeepUntil)
+            .time_to_live((config.positive_ttl + config.max_stale).max(config.negative_ttl))
             .support_invalidation_closures()
             .build();
         // Kept longer than any call can take, so an answer from before an invalidation is recognised.
         let remember = config.positive_ttl.max(Duration::from_secs(60));
         let invalidated = Cache::builder().max_capacity(100_000).time_to_live(remember).build();
         let flights = Flights::new();
-        let shared = Shared { verifier, cache, invalidated, flights, generation: AtomicU64::new(0), config };
+        let generation = AtomicU64::new(0);
+        let shared = Shared { verifier, base: Instant::now(), cache, invalidated, flights, generation, config };
         Self { shared: Arc::new(shared) }
     }
 
@@ -175,7 +184,7 @@ impl<V: Verifier> CachedVerifier<V> {
     /// that joined it, but its answer is not stored.
     pub fn invalidate_digest(&self, digest: &KeyDigest) {
         self.shared.invalidated.insert(*digest, Instant::now());
-        let digest = *digest;
+        let digest = prefix(digest);
         // moka stops returning matching entries at once and removes them in its maintenance.
         if let Err(error) = self.shared.cache.invalidate_entries_if(move |_, e| e.digest == digest) {
             tracing::warn!(%error, "keygate: could not invalidate by digest; dropping the whole cache");
@@ -211,9 +220,13 @@ impl<V: Verifier> CachedVerifier<V> {
 }
 
 impl<V: Verifier> Shared<V> {
+    fn at(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.base).as_nanos().min(u64::MAX as u128) as u64
+    }
+
     fn fresh(&self, fingerprint: &Fingerprint) -> Option<Verification> {
         let entry = self.cache.get(fingerprint)?;
-        (Instant::now() < entry.fresh_until).then(|| entry.answer.clone())
+        (self.at(Instant::now()) < entry.fresh_until).then(|| entry.answer.to_verification(false))
     }
 
     /// A `VALID` answer past its TTL but inside `max_stale` and the key's expiry.
@@ -221,7 +234,7 @@ impl<V: Verifier> Shared<V> {
         let entry = self.cache.get(fingerprint)?;
         let answer = Some(&entry.answer).filter(|a| a.status == KeyStatus::Valid)?;
         let expired = answer.facts.as_ref().is_some_and(|f| f.is_expired_at(SystemTime::now()));
-        (!expired && Instant::now() < entry.keep_until).then(|| Verification { stale: true, ..answer.clone() })
+        (!expired && self.at(Instant::now()) < entry.keep_until).then(|| answer.to_verification(true))
     }
 
     /// `(fresh_until, keep_until)` for an answer, or `None` if it must not be cached.
@@ -252,11 +265,15 @@ impl<V: Verifier> Shared<V> {
         }
         let lifetimes = self.lifetimes(answer, Instant::now());
         self.cache.entry(fingerprint).and_compute_with(|current| match (current, lifetimes) {
-            (Some(e), _) if e.value().started > started => Op::Nop,
+            (Some(e), _) if e.value().started > self.at(started) => Op::Nop,
             (_, None) => Op::Remove,
-            (_, Some((fresh_until, keep_until))) => {
-                Op::Put(Arc::new(Entry { answer: answer.clone(), digest, started, fresh_until, keep_until }))
-            }
+            (_, Some((fresh_until, keep_until))) => Op::Put(Arc::new(Entry {
+                answer: Answer::of(answer),
+                digest: prefix(&digest),
+                started: self.at(started),
+                fresh_until: self.at(fresh_until),
+                keep_until: self.at(keep_until),
+            })),
         });
     }
 
@@ -286,6 +303,10 @@ impl<V: Verifier> Shared<V> {
             None => Err(error),
         })
     }
+}
+
+fn prefix(digest: &KeyDigest) -> u64 {
+    u64::from_le_bytes(digest.as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
 impl<V: Verifier> Verifier for CachedVerifier<V> {

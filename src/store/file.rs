@@ -134,10 +134,10 @@ impl KeyFile {
                     name: entry.name.clone(),
                     scopes,
                     expires_at: entry.expires_at.map(|s| UNIX_EPOCH + Duration::from_secs(s)),
-                    metadata: entry.metadata.clone(),
+                    metadata: entry.metadata.clone().into_iter().collect(),
                     customer_id: entry.customer_id.clone(),
-                    rate_limit: entry.rate_limit.clone(),
-                    usage_limit: entry.usage_limit.map(u128::from),
+                    rate_limit: entry.rate_limit.clone().map(Box::new),
+                    usage_limit: entry.usage_limit,
                     ..KeyFacts::default()
                 };
                 let stored = StoredKey { enabled: entry.enabled, ..StoredKey::new(facts) };
@@ -177,6 +177,6 @@ mod tests {
         assert_eq!(*digest, d);
         assert!(!stored.enabled);
         assert_eq!(stored.facts.expires_at, Some(UNIX_EPOCH + Duration::from_secs(10)));
-        assert_eq!(stored.facts.metadata["plan"], "pro");
+        assert_eq!(stored.facts.metadata.get("plan"), Some("pro"));
     }
 }

@@ -70,7 +70,7 @@ pub(crate) fn allowance(facts: &KeyFacts) -> Option<(u128, u128)> {
     match &facts.billing {
         Some(m) if m.allow_overages => m.spend_cap.map(|cap| (cap, m.used_credits)),
         Some(m) => Some((m.total_credits, m.used_credits)),
-        None => facts.usage_limit.map(|limit| (limit, 0)),
+        None => facts.usage_limit.map(|limit| (u128::from(limit), 0)),
     }
 }
 

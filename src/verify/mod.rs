@@ -8,16 +8,17 @@
 //!   returns a boxed future, one allocation on a path that is about to do I/O anyway.
 
 pub mod local;
+mod metadata;
 #[cfg(feature = "oneloop")]
 pub mod oneloop;
 
 pub use local::LocalVerifier;
+pub use metadata::Metadata;
 
 use crate::key::{ApiKey, KeyDigest, PresentedKey};
 use crate::limit::RateLimit;
 use crate::scope::{RequiredScope, Scope};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -66,17 +67,18 @@ pub struct KeyFacts {
     /// When the key stops working, if ever.
     pub expires_at: Option<SystemTime>,
     /// Free-form metadata.
-    pub metadata: BTreeMap<String, String>,
+    pub metadata: Metadata,
     /// The customer the key belongs to.
     pub customer_id: Option<String>,
-    /// The customer's billing meter (Oneloop), if any.
-    pub billing: Option<BillingMeter>,
+    /// The customer's billing meter (Oneloop), if any. Boxed: most keys have none.
+    pub billing: Option<Box<BillingMeter>>,
     /// Oneloop's `externalMeterId`.
     pub external_meter_id: Option<String>,
-    /// The key's own rate limit (local verifier), enforced with the layer's and the route's.
-    pub rate_limit: Option<RateLimit>,
+    /// The key's own rate limit (local verifier), enforced with the layer's and the route's. Boxed:
+    /// most keys have none.
+    pub rate_limit: Option<Box<RateLimit>>,
     /// The key's usage allowance in total (local verifier); Oneloop keys use `billing` instead.
-    pub usage_limit: Option<u128>,
+    pub usage_limit: Option<u64>,
 }
 
 /// A customer's credit meter, as Oneloop reports it. Amounts are whole credits.
@@ -149,12 +151,12 @@ impl KeyFacts {
 
     /// These facts with a rate limit of the key's own.
     pub fn with_rate_limit(mut self, limit: RateLimit) -> Self {
-        self.rate_limit = Some(limit);
+        self.rate_limit = Some(Box::new(limit));
         self
     }
 
     /// These facts with a usage allowance.
-    pub fn with_usage_limit(mut self, limit: u128) -> Self {
+    pub fn with_usage_limit(mut self, limit: u64) -> Self {
         self.usage_limit = Some(limit);
         self
     }

@@ -158,14 +158,16 @@ impl VerifyResponse {
             name: None,
             scopes: self.scopes,
             expires_at: self.expires_at.map(|t| t.0),
-            metadata: self.metadata,
+            metadata: self.metadata.into_iter().collect(),
             customer_id: self.customer_id,
-            billing: self.billing.map(|m| BillingMeter {
-                id: m.id,
-                total_credits: m.total_credits.0,
-                used_credits: m.used_credits.0,
-                allow_overages: m.allow_overages,
-                spend_cap: m.spend_cap.map(|c| c.0),
+            billing: self.billing.map(|m| {
+                Box::new(BillingMeter {
+                    id: m.id,
+                    total_credits: m.total_credits.0,
+                    used_credits: m.used_credits.0,
+                    allow_overages: m.allow_overages,
+                    spend_cap: m.spend_cap.map(|c| c.0),
+                })
             }),
             external_meter_id: self.external_meter_id,
             ..KeyFacts::default()
