@@ -67,6 +67,16 @@ async fn call(app: &Router, method: &str, path: &str, key: &str) -> (StatusCode,
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// `n` concurrent `GET /v1/items` with `key`, each on its own task.
+fn spawn_calls(app: &Router, key: &'static str, n: usize) -> Vec<tokio::task::JoinHandle<(StatusCode, String)>> {
+    (0..n)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move { call(&app, "GET", "/v1/items", key).await })
+        })
+        .collect()
+}
+
 fn millis_from_now(d: Duration) -> u64 {
     (SystemTime::now() + d).duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
 }
@@ -77,13 +87,7 @@ async fn a_thousand_concurrent_misses_make_one_call() {
     fake.add("key-a", answer("key_a", &["items:read"]));
     fake.set_delay(Duration::from_millis(200));
     let s = setup(addr, |b| b, |l| l);
-    let tasks: Vec<_> = (0..1000)
-        .map(|_| {
-            let app = s.app.clone();
-            tokio::spawn(async move { call(&app, "GET", "/v1/items", "key-a").await })
-        })
-        .collect();
-    for task in tasks {
+    for task in spawn_calls(&s.app, "key-a", 1000) {
         assert_eq!(task.await.unwrap(), (StatusCode::OK, "key_a|-|fresh".into()));
     }
     assert_eq!(fake.calls(), 1);
@@ -97,17 +101,9 @@ async fn a_cancelled_leader_leaves_nobody_hanging() {
     fake.add("key-a", answer("key_a", &["items:read"]));
     fake.set_delay(Duration::from_millis(300));
     let s = setup(addr, |b| b, |l| l);
-    let leader = {
-        let app = s.app.clone();
-        tokio::spawn(async move { call(&app, "GET", "/v1/items", "key-a").await })
-    };
+    let leader = spawn_calls(&s.app, "key-a", 1).remove(0);
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let followers: Vec<_> = (0..999)
-        .map(|_| {
-            let app = s.app.clone();
-            tokio::spawn(async move { call(&app, "GET", "/v1/items", "key-a").await })
-        })
-        .collect();
+    let followers = spawn_calls(&s.app, "key-a", 999);
     tokio::time::sleep(Duration::from_millis(50)).await;
     leader.abort(); // mid-call
     let all = tokio::time::timeout(Duration::from_secs(10), async {

@@ -1,6 +1,9 @@
 //! Every row of the README's status table, over real HTTP, behind axum and behind plain hyper.
 
 mod common;
+#[allow(dead_code)] // the test uses the table, not the demo's handlers
+#[path = "../examples/demo_api/mod.rs"]
+mod demo_api;
 
 use axum::routing::get;
 use axum::Router;
@@ -8,21 +11,15 @@ use bytes::Bytes;
 use common::*;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
-use keygate::{
-    ApiKeyLayer, KeyFacts, KeyStatus, LocalVerifier, Scope, ScopeMap, Unmapped, Verification, VerifiedKey, Verifier,
-};
+use keygate::{ApiKeyLayer, KeyFacts, KeyStatus, LocalVerifier, Scope, ScopeMap, Verification, VerifiedKey, Verifier};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+/// The quickstart's own route table.
 fn routes() -> ScopeMap {
-    ScopeMap::new()
-        .public("/health")
-        .route("/v1/items", "items")
-        .route("/v1/items/{id}", "items")
-        .route("/v1/admin/stats", "admin")
-        .unmapped(Unmapped::Deny)
+    demo_api::routes()
 }
 
 fn layer(verifier: impl Verifier) -> ApiKeyLayer {
