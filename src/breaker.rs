@@ -31,9 +31,9 @@ impl BreakerConfig {
         self
     }
 
-    /// How long it stays open before one probe is let through (default 5 s).
+    /// How long it stays open before one probe is let through (default 5 s; at most an hour).
     pub fn cool_down(mut self, d: Duration) -> Self {
-        self.cool_down = d;
+        self.cool_down = d.min(Duration::from_secs(3600));
         self
     }
 }

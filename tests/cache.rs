@@ -95,3 +95,14 @@ async fn the_cache_stays_within_its_bound() {
     assert_eq!(scripted.calls.load(Ordering::SeqCst), 100_000);
     assert_eq!(cache.in_flight(), 0, "no flight is left behind");
 }
+
+#[tokio::test]
+async fn absurd_durations_are_clamped_not_a_panic() {
+    let scripted = Scripted::default();
+    scripted.script.lock().unwrap().push_back((Duration::ZERO, KeyStatus::Valid));
+    let config =
+        CacheConfig::default().positive_ttl(Duration::MAX).negative_ttl(Duration::MAX).max_stale(Duration::MAX);
+    let cache = CachedVerifier::new(scripted, config);
+    assert_eq!(cache.verify(request("k")).await.unwrap().status, KeyStatus::Valid);
+    assert!(cache.verify_now(&PresentedKey::new("k")).is_some());
+}

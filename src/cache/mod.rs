@@ -54,6 +54,10 @@ impl Default for CacheConfig {
     }
 }
 
+/// The longest any cache duration is taken to be (moka refuses more than 1 000 years, and an
+/// `Instant` can overflow): a year.
+const LONGEST: Duration = Duration::from_secs(365 * 24 * 3600);
+
 impl CacheConfig {
     /// The most keys kept (default 100 000); beyond it moka evicts the least useful.
     pub fn max_entries(mut self, n: u64) -> Self {
@@ -64,20 +68,20 @@ impl CacheConfig {
     /// How long a `VALID` answer is fresh (default 30 s): the longest a revoked key keeps working
     /// when nobody calls [`CachedVerifier::invalidate`].
     pub fn positive_ttl(mut self, ttl: Duration) -> Self {
-        self.positive_ttl = ttl;
+        self.positive_ttl = ttl.min(LONGEST);
         self
     }
 
     /// How long a refusal is remembered (default 5 s).
     pub fn negative_ttl(mut self, ttl: Duration) -> Self {
-        self.negative_ttl = ttl;
+        self.negative_ttl = ttl.min(LONGEST);
         self
     }
 
     /// How long past its TTL a `VALID` answer may be served while the upstream fails (default
     /// 60 s; zero turns stale-if-error off).
     pub fn max_stale(mut self, max_stale: Duration) -> Self {
-        self.max_stale = max_stale;
+        self.max_stale = max_stale.min(LONGEST);
         self
     }
 }

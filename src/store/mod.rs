@@ -37,6 +37,14 @@ impl StoredKey {
         Self { facts: Arc::new(facts), enabled: true, deleted: false }
     }
 
+    /// The key's status now; reads the clock only if the key expires.
+    pub fn status(&self) -> KeyStatus {
+        match self.facts.expires_at {
+            Some(_) => self.status_at(SystemTime::now()),
+            None => self.status_at(SystemTime::UNIX_EPOCH),
+        }
+    }
+
     /// The key's status at `now`, before any per-request check: `DELETED`, `DISABLED`, `EXPIRED`,
     /// or `VALID`, in that order.
     pub fn status_at(&self, now: SystemTime) -> KeyStatus {

@@ -137,7 +137,7 @@ impl RedisKeyStore {
                     Err(error) => tracing::warn!(%error, "keygate: could not connect for revocations"),
                 }
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = backoff.saturating_mul(2).min(Duration::from_secs(5));
             }
         });
     }

@@ -42,7 +42,7 @@ impl Default for BatchConfig {
 impl BatchConfig {
     /// How often the buffer is flushed (default 1 s).
     pub fn interval(mut self, d: Duration) -> Self {
-        self.interval = d;
+        self.interval = d.clamp(Duration::from_millis(1), Duration::from_secs(3600));
         self
     }
 
@@ -212,7 +212,7 @@ impl Shared {
             // Wakes at the interval, or sooner when a batch fills.
             let _ = tokio::time::timeout(wait, self.wake.notified()).await;
             let failed = self.flush().await;
-            wait = if failed { (wait * 2).min(self.config.max_backoff) } else { self.config.interval };
+            wait = if failed { wait.saturating_mul(2).min(self.config.max_backoff) } else { self.config.interval };
         }
     }
 

@@ -5,7 +5,6 @@ use crate::key::{ApiKey, KeyFormat, PresentedKey};
 use crate::store::{KeyFile, KeyStore, LoadError, MemoryStore, StoreError, StoredKey};
 use std::fmt;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 /// Verifies keys against a [`KeyStore`], and manages them: create, disable, enable, delete, rotate.
 /// Cloning shares the same store.
@@ -137,7 +136,7 @@ impl LocalVerifier {
     fn answer(stored: Option<StoredKey>) -> Verification {
         match stored {
             None => Verification::invalid(),
-            Some(k) => Verification::new(k.status_at(SystemTime::now()), k.facts),
+            Some(k) => Verification::new(k.status(), k.facts),
         }
     }
 }
