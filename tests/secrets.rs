@@ -10,6 +10,7 @@ use keygate::verify::VerifyRequest;
 use keygate::*;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
@@ -110,4 +111,24 @@ async fn no_key_in_logs_debug_or_bodies() {
             assert!(!text.contains(secret_part(k)), "a key leaked into {what}:\n{text}");
         }
     }
+}
+
+#[cfg(feature = "oneloop")]
+#[tokio::test]
+async fn the_oneloop_token_and_buffered_keys_stay_secret() {
+    use keygate::usage::{BatchConfig, UsageBatcher, UsageOf, UsageSink};
+    use keygate::verify::oneloop::OneloopVerifier;
+    let token = "ws_secret_workspace_token_0123456789";
+    let oneloop = OneloopVerifier::builder(token).base_url("http://127.0.0.1:9").build().unwrap();
+    let batcher = UsageBatcher::new(oneloop.clone(), BatchConfig::default().interval(Duration::from_secs(3600)));
+    let key = ApiKey::new("kg_buffered_raw_key_0123456789abcdef");
+    batcher.record(UsageOf { key_id: "k1", key: Some(&key) }, Some("tokens"), 5);
+    assert_eq!(batcher.pending(), 1);
+    let layer = ApiKeyLayer::builder(oneloop.clone()).usage_sink(batcher.clone()).build().unwrap();
+    let debug = format!("{oneloop:?} {oneloop:#?} {batcher:?} {batcher:#?} {layer:?}");
+    assert!(!debug.contains(&token[4..]), "{debug}");
+    assert!(!debug.contains(&key.expose_secret()[4..]), "{debug}");
+    // An upstream error names neither.
+    let err = oneloop.record_usage(&key, 1, None).await.unwrap_err().to_string();
+    assert!(!err.contains(&token[4..]) && !err.contains(&key.expose_secret()[4..]), "{err}");
 }
