@@ -10,7 +10,6 @@ use keygate::verify::VerifyRequest;
 use keygate::*;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
@@ -118,6 +117,7 @@ async fn no_key_in_logs_debug_or_bodies() {
 async fn the_oneloop_token_and_buffered_keys_stay_secret() {
     use keygate::usage::{BatchConfig, UsageBatcher, UsageOf, UsageSink};
     use keygate::verify::oneloop::OneloopVerifier;
+    use std::time::Duration;
     let token = "ws_secret_workspace_token_0123456789";
     let oneloop = OneloopVerifier::builder(token).base_url("http://127.0.0.1:9").build().unwrap();
     let batcher = UsageBatcher::new(oneloop.clone(), BatchConfig::default().interval(Duration::from_secs(3600)));
