@@ -16,6 +16,12 @@ pub(crate) fn check(path: &str) -> Result<(), Rejection> {
     if !path.starts_with('/') {
         return Err(Rejection::InvalidPath);
     }
+    // The common case in one pass: without `%`, `\`, control bytes or `/.`, a path has no escapes,
+    // no backslashes and no dot segments (a dot segment begins with `/.`).
+    let plain = path.bytes().fold(true, |ok, b| ok & (b != b'%') & (b != b'\\') & !b.is_ascii_control());
+    if plain && !path.contains("/.") {
+        return Ok(());
+    }
     for segment in path.split('/') {
         let (mut decoded_len, mut all_dots) = (0, true);
         let b = segment.as_bytes();
@@ -97,6 +103,13 @@ mod tests {
         assert_eq!(canon("/").unwrap(), "/");
         assert_eq!(canon("//").unwrap(), "/");
         assert!(matches!(canon("/v1/items/42").unwrap(), Cow::Borrowed(_)));
+        // Names that merely start with a dot are fine; only `.` and `..` segments are refused.
+        for p in ["/.well-known/jwks.json", "/a/.hidden", "/a/..b", "/a/b.", "/a.b/c"] {
+            assert!(check(p).is_ok(), "{p}");
+        }
+        for p in ["/a/.", "/a/..", "/./a", "/../a", "/a/./b"] {
+            assert!(check(p).is_err(), "{p}");
+        }
     }
 
     #[test]
