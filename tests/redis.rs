@@ -234,12 +234,15 @@ async fn with_redis_down_the_fallback_decides_within_the_timeout_and_it_recovers
     let started = Instant::now();
     assert_eq!(call(&apps[0], "/x", key).await, StatusCode::SERVICE_UNAVAILABLE, "fail-closed");
     assert!(started.elapsed() < Duration::from_millis(500), "decided in {:?}", started.elapsed());
-    let mut passed = 0;
+    let (mut passed, mut slowest) = (0, Duration::ZERO);
     for _ in 0..20 {
         let started = Instant::now();
         passed += usize::from(call(&apps[1], "/x", key).await == StatusCode::OK);
-        assert!(started.elapsed() < Duration::from_millis(500), "decided in {:?}", started.elapsed());
+        slowest = slowest.max(started.elapsed());
     }
+    // 50 ms timeout, plus scheduling slack on a loaded CI machine.
+    assert!(slowest < Duration::from_millis(500), "slowest fallback decision {slowest:?}");
+    let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("slowest fallback decision: {slowest:?}\n"));
     assert_eq!(passed, 10, "local limits: 40 / 4 instances");
     assert!(limiters[0].fallbacks() >= 1 && limiters[1].fallbacks() >= 20);
 

@@ -131,16 +131,19 @@ impl MemoryLimiter {
         }
         // Usage last: under the shard lock, so a refusal here leaves every window as it was.
         self.take_usage(key_id, request)?;
-        let is_new = !shard.keys.contains_key(key_id);
-        let windows = shard.keys.entry(key_id.into()).or_default();
-        for ((limit, cost), state) in limits.iter().zip(&states) {
-            match windows.iter_mut().find(|w| w.limit == *limit) {
-                Some(w) if w.end() > now => w.used += cost,
-                Some(w) => *w = Window { limit: limit.clone(), start: now, used: *cost },
-                None => windows.push(Window { limit: limit.clone(), start: now, used: *cost }),
+        // One lookup for a known key; only a new key allocates its id.
+        let is_new = match shard.keys.get_mut(key_id) {
+            Some(windows) => {
+                consume(windows, limits, now);
+                false
             }
-            debug_assert_eq!(state.limit, *limit);
-        }
+            None => {
+                let mut windows = Vec::with_capacity(limits.len());
+                consume(&mut windows, limits, now);
+                shard.keys.insert(key_id.into(), windows);
+                true
+            }
+        };
         if is_new {
             shard.added += 1;
             // Amortised: a sweep costs the shard's size, and runs once that many keys were added.
@@ -157,6 +160,17 @@ impl MemoryLimiter {
         match request.usage {
             Some(u) if !self.ledger.reserve(key_id, (u.allowed, u.reported), u.amount) => Err(Refusal::Usage),
             _ => Ok(()),
+        }
+    }
+}
+
+/// Takes each limit's cost from its window, opening a new window where the last one ended.
+fn consume(windows: &mut Vec<Window>, limits: &[(RateLimit, u64)], now: u128) {
+    for (limit, cost) in limits {
+        match windows.iter_mut().find(|w| w.limit == *limit) {
+            Some(w) if w.end() > now => w.used += cost,
+            Some(w) => *w = Window { limit: limit.clone(), start: now, used: *cost },
+            None => windows.push(Window { limit: limit.clone(), start: now, used: *cost }),
         }
     }
 }
