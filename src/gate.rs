@@ -243,14 +243,15 @@ impl Gate {
             parsed
         });
         let cost = entry.policy.cost;
-        self.limits
-            .iter()
-            .chain(&entry.policy.limits)
-            .chain(facts.rate_limit.as_deref())
-            .cloned()
-            .chain(from_metadata)
-            .map(|l| (l, cost))
-            .collect()
+        let mut limits: Vec<(RateLimit, u64)> = Vec::new();
+        let all = self.limits.iter().chain(&entry.policy.limits).chain(facts.rate_limit.as_deref());
+        // The same limit from two places (layer and route, key and metadata) is one limit.
+        for limit in all.chain(from_metadata.as_ref()) {
+            if !limits.iter().any(|(l, _)| l == limit) {
+                limits.push((limit.clone(), cost));
+            }
+        }
+        limits
     }
 
     fn report(&self, key: &VerifiedKey, usage: Option<&crate::usage::RouteUsage>) {
@@ -294,6 +295,7 @@ fn parse_limit(text: &str) -> Option<RateLimit> {
         "s" | "sec" | "second" => Duration::from_secs(1),
         "m" | "min" | "minute" => Duration::from_secs(60),
         "h" | "hour" => Duration::from_secs(3600),
+        // A window past RateLimit::MAX_WINDOW is refused by RateLimit::new below.
         secs => Duration::from_secs(secs.strip_suffix('s')?.parse().ok()?),
     };
     RateLimit::new("key", n.trim().parse().ok()?, window).ok()

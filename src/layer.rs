@@ -18,6 +18,8 @@ use tower_layer::Layer;
 pub const DEFAULT_MAX_KEY_LEN: usize = 256;
 /// The most a key may be configured to be, in bytes.
 pub const MAX_MAX_KEY_LEN: usize = 4096;
+/// The longest `Retry-After` a `503` may ask for: a day.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 
 /// Gates a service by API key. Cloning it shares one verifier, one cache and one set of counters.
 ///
@@ -184,7 +186,8 @@ impl ApiKeyLayerBuilder {
         self
     }
 
-    /// The `Retry-After` of a `503` when the verifier cannot answer (default 1 s).
+    /// The `Retry-After` of a `503` when the verifier cannot answer (default 1 s; zero is sent as
+    /// 1 s; more than a day is refused by [`build`](Self::build)).
     pub fn unavailable_retry_after(mut self, after: Duration) -> Self {
         self.unavailable_retry_after = after;
         self
@@ -260,6 +263,9 @@ impl ApiKeyLayerBuilder {
         if !(1..=MAX_MAX_KEY_LEN).contains(&self.max_key_len) {
             return Err(BuildError::MaxKeyLen(self.max_key_len));
         }
+        if self.unavailable_retry_after > MAX_RETRY_AFTER {
+            return Err(BuildError::RetryAfter(self.unavailable_retry_after));
+        }
         let gate = Gate {
             verifier: self.verifier,
             extractor: Extractor { sources: self.sources.into(), max_key_len: self.max_key_len },
@@ -306,6 +312,8 @@ pub enum BuildError {
     InvalidQueryParameter(String),
     /// The key length cap is out of range.
     MaxKeyLen(usize),
+    /// `unavailable_retry_after` is longer than a day.
+    RetryAfter(Duration),
     /// A verifier's settings are not valid.
     Verifier(String),
     /// A route template could not be added to the table.
@@ -328,6 +336,7 @@ impl fmt::Display for BuildError {
                 write!(f, "query parameter name {name:?} must be non-empty and free of `&=#?`")
             }
             Self::MaxKeyLen(n) => write!(f, "max_key_len is {n}; it must be between 1 and {MAX_MAX_KEY_LEN} bytes"),
+            Self::RetryAfter(d) => write!(f, "unavailable_retry_after is {d:?}; it must be at most a day"),
             Self::Route { template, reason } => write!(f, "route {template:?}: {reason}"),
             Self::Verifier(reason) => f.write_str(reason),
         }

@@ -222,7 +222,7 @@ impl Rejection {
 
 /// Whole seconds, rounded up and at least 1, so a client that waits that long is never early.
 pub(crate) fn retry_after_secs(d: Duration) -> u64 {
-    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
+    d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0)).max(1)
 }
 
 fn quoted(s: &str) -> String {

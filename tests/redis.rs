@@ -258,3 +258,36 @@ async fn with_redis_down_the_fallback_decides_within_the_timeout_and_it_recovers
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The same limit on the layer and on a route, or listed twice to the limiter, is one limit in
+/// Redis too: 5/min admits 5, not 3.
+#[tokio::test]
+async fn the_same_limit_twice_is_one_limit_in_redis() {
+    let Some(url) = redis_url("the_same_limit_twice_is_one_limit_in_redis") else { return };
+    let p = prefix("twice");
+    let rl = RateLimit::per_minute("default", 5).unwrap();
+    let (layer_rl, route_rl) = (rl.clone(), rl.clone());
+    let inst = instance(&url, &p, move |b| {
+        let routes = ScopeMap::new().route_with("/x", "x", RoutePolicy::new().rate_limit(route_rl));
+        b.routes(routes).rate_limit(layer_rl)
+    })
+    .await;
+    let key = inst.verifier.create(KeyFacts::new("k").with_scopes(["x:*".parse().unwrap()])).await.unwrap().key;
+    let mut ok = 0;
+    for _ in 0..30 {
+        ok += usize::from(call(&inst.app, "/x", key.expose_secret()).await == StatusCode::OK);
+    }
+    assert_eq!(ok, 5);
+
+    let conn = redis::Client::open(url.as_str()).unwrap().get_connection_manager().await.unwrap();
+    let limiter = RedisLimiter::new(conn, &prefix("twice-direct"));
+    let twice = [(rl.clone(), 1), (rl.clone(), 1)];
+    let mut remaining = Vec::new();
+    for _ in 0..10 {
+        if let Ok(states) = limiter.check("k", &LimitRequest { limits: &twice, usage: None }).await.unwrap() {
+            assert_eq!(states.len(), 2);
+            remaining.push(states[0].remaining);
+        }
+    }
+    assert_eq!(remaining, [4, 3, 2, 1, 0]);
+}

@@ -108,7 +108,13 @@ impl MemoryLimiter {
     }
 
     fn decide(&self, key_id: &str, request: &LimitRequest<'_>) -> LimitVerdict {
-        let limits = request.limits;
+        // A limit listed twice is one limit: deciding it twice would count the request twice.
+        let limits = super::distinct(request.limits);
+        let states = self.decide_distinct(key_id, &limits, request)?;
+        Ok(super::per_entry(request.limits, &limits, states))
+    }
+
+    fn decide_distinct(&self, key_id: &str, limits: &[(RateLimit, u64)], request: &LimitRequest<'_>) -> LimitVerdict {
         if limits.is_empty() {
             return self.take_usage(key_id, request).map(|()| Vec::new());
         }
@@ -121,7 +127,7 @@ impl MemoryLimiter {
         for (limit, cost) in limits {
             let open = windows.iter().find(|w| w.limit == *limit && w.end() > now);
             let (used, end) = open.map_or((0, now + limit.window().as_nanos()), |w| (w.used, w.end()));
-            let left = limit.limit() - used;
+            let left = limit.limit().saturating_sub(used);
             if *cost > left {
                 // A cost above the whole limit never passes; say so with a full window.
                 let wait = if *cost > limit.limit() { limit.window().as_nanos() } else { end - now };

@@ -19,6 +19,7 @@ pub use redis::{Fallback, RedisLimiter};
 pub(crate) use headers::{most_restrictive, RateLimitHeaders};
 
 use crate::verify::BoxFuture;
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,25 +43,48 @@ pub struct RateLimit {
     policy: http::HeaderValue,
 }
 
-/// A limit of zero, a window under a millisecond, or an empty name.
+/// A limit of zero or above [`RateLimit::MAX_LIMIT`], a window under a millisecond or above
+/// [`RateLimit::MAX_WINDOW`], or a name that is empty, too long or not a token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvalidLimit(String);
 
 impl fmt::Display for InvalidLimit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid rate limit {}: a limit has a name of 1 to 64 characters of [A-Za-z0-9-_.:], at least 1 request and a window of at least 1 ms", self.0)
+        write!(
+            f,
+            "invalid rate limit {}: a limit has a name of 1 to 64 characters of [A-Za-z0-9-_.:], 1 to 2^53 \
+             requests and a window of 1 ms to 366 days",
+            self.0
+        )
     }
 }
 
 impl std::error::Error for InvalidLimit {}
 
 impl RateLimit {
+    /// The largest limit: 2^53, the largest count every backend (Redis's Lua numbers are doubles)
+    /// holds exactly. A limit that large is, in practice, no limit.
+    pub const MAX_LIMIT: u64 = 1 << 53;
+    /// The longest window: 366 days. Spending over longer spans is a usage allowance, not a rate.
+    pub const MAX_WINDOW: Duration = Duration::from_secs(366 * 24 * 3600);
+
     /// `limit` per `window`, named `name` (Oneloop's `rateLimitConfig.id`).
+    ///
+    /// A limit is its name, size and window together: the same limit listed twice (on the layer and
+    /// a route, or as a key's own limit and in its metadata) is one limit, counted once per request;
+    /// two limits that share a name but differ in size or window are two limits, each counted once.
+    ///
+    /// # Errors
+    /// [`InvalidLimit`] for a limit of 0 or above [`MAX_LIMIT`](Self::MAX_LIMIT), a window under
+    /// 1 ms or above [`MAX_WINDOW`](Self::MAX_WINDOW), or a name that is not 1 to 64 characters of
+    /// `[A-Za-z0-9-_.:]`.
     pub fn new(name: &str, limit: u64, window: Duration) -> Result<Self, InvalidLimit> {
         let name_ok = !name.is_empty()
             && name.len() <= 64
             && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
-        if !name_ok || limit == 0 || window < Duration::from_millis(1) {
+        let limit_ok = (1..=Self::MAX_LIMIT).contains(&limit);
+        let window_ok = (Duration::from_millis(1)..=Self::MAX_WINDOW).contains(&window);
+        if !name_ok || !limit_ok || !window_ok {
             return Err(InvalidLimit(format!("{name:?} {limit}/{window:?}")));
         }
         let policy = format!("\"{name}\";q={limit};w={}", crate::reject::retry_after_secs(window));
@@ -182,8 +206,38 @@ pub enum Refusal {
     Usage,
 }
 
-/// The limiter's verdict on one request: the state of each limit it passed, or the refusal.
+/// The limiter's verdict on one request: the state of each limit it was asked about (in the order
+/// asked, one per entry even where an entry repeats another), or the refusal.
 pub type LimitVerdict = Result<Vec<LimitState>, Refusal>;
+
+/// The distinct limits of a request: a limit listed twice is one limit, taken at the higher cost.
+/// Borrowed, so free, when nothing repeats (the usual case).
+pub(crate) fn distinct(limits: &[(RateLimit, u64)]) -> Cow<'_, [(RateLimit, u64)]> {
+    let repeats = |i: usize| limits[..i].iter().any(|(l, _)| *l == limits[i].0);
+    if !(1..limits.len()).any(repeats) {
+        return Cow::Borrowed(limits);
+    }
+    let mut once: Vec<(RateLimit, u64)> = Vec::with_capacity(limits.len());
+    for (limit, cost) in limits {
+        match once.iter_mut().find(|(l, _)| l == limit) {
+            Some((_, c)) => *c = (*c).max(*cost),
+            None => once.push((limit.clone(), *cost)),
+        }
+    }
+    Cow::Owned(once)
+}
+
+/// The states of the distinct limits, given back one per entry asked.
+pub(crate) fn per_entry(
+    asked: &[(RateLimit, u64)],
+    distinct: &[(RateLimit, u64)],
+    states: Vec<LimitState>,
+) -> Vec<LimitState> {
+    if asked.len() == distinct.len() {
+        return states;
+    }
+    asked.iter().filter_map(|(l, _)| states.iter().find(|s| s.limit == *l).cloned()).collect()
+}
 
 /// The limiter could not decide (its backend is unreachable).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -155,7 +155,10 @@ impl Shared {
         keys
     }
 
-    async fn decide(&self, key_id: &str, request: &LimitRequest<'_>) -> redis::RedisResult<LimitVerdict> {
+    async fn decide(&self, key_id: &str, asked: &LimitRequest<'_>) -> redis::RedisResult<LimitVerdict> {
+        // A limit listed twice is one limit (one key): the script would count it twice.
+        let limits = super::distinct(asked.limits);
+        let request = &LimitRequest { limits: &limits, usage: asked.usage };
         let mut invocation = script().prepare_invoke();
         for key in self.keys(key_id, request) {
             invocation.key(key);
@@ -170,16 +173,19 @@ impl Shared {
         let reply: Vec<i64> = invocation.invoke_async(&mut self.conn.clone()).await?;
         let ms = |v: i64| Duration::from_millis(v.max(0) as u64);
         Ok(match reply.as_slice() {
-            [1, rest @ ..] => Ok(request
-                .limits
-                .iter()
-                .zip(rest.chunks_exact(2))
-                .map(|((limit, _), r)| LimitState {
-                    limit: limit.clone(),
-                    remaining: r[0].max(0) as u64,
-                    reset: ms(r[1]),
-                })
-                .collect()),
+            [1, rest @ ..] => {
+                let states = request
+                    .limits
+                    .iter()
+                    .zip(rest.chunks_exact(2))
+                    .map(|((limit, _), r)| LimitState {
+                        limit: limit.clone(),
+                        remaining: r[0].max(0) as u64,
+                        reset: ms(r[1]),
+                    })
+                    .collect();
+                Ok(super::per_entry(asked.limits, &limits, states))
+            }
             [0, 1, i, wait] => {
                 let limit = request.limits[(*i as usize).saturating_sub(1)].0.clone();
                 Err(Refusal::Rate(Denied { limit, retry_after: ms(*wait) }))
