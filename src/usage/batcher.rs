@@ -1,14 +1,19 @@
 //! Usage sent to Oneloop's `record-usage` in the background, summed per (key, usage name).
+//!
+//! Every unit recorded into the batcher ends in exactly one class of [`UsageReport`]:
+//! acknowledged, rejected, uncertain, dropped, or still unsent. Oneloop's record-usage has no
+//! idempotency key, so a send that may have been recorded (a timeout or reset after the request was
+//! written, a `5xx`) is not sent again unless [`DeliveryPolicy::AtLeastOnce`] asks for it.
 
 use super::{UsageOf, UsageSink};
 use crate::key::ApiKey;
-use crate::verify::oneloop::OneloopVerifier;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use crate::verify::oneloop::{Delivery, OneloopVerifier};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 use tokio::sync::Notify;
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 
 /// How the batcher flushes.
 ///
@@ -20,6 +25,7 @@ use tokio::task::JoinSet;
 /// ```
 #[derive(Debug, Clone)]
 pub struct BatchConfig {
+    delivery: DeliveryPolicy,
     interval: Duration,
     batch_size: usize,
     max_buffered: usize,
@@ -30,6 +36,7 @@ pub struct BatchConfig {
 impl Default for BatchConfig {
     fn default() -> Self {
         Self {
+            delivery: DeliveryPolicy::AtMostOnce,
             interval: Duration::from_secs(1),
             batch_size: 1_000,
             max_buffered: 100_000,
@@ -39,7 +46,27 @@ impl Default for BatchConfig {
     }
 }
 
+/// What the batcher does with usage whose send may or may not have been recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum DeliveryPolicy {
+    /// Never send it again; count it as [`uncertain`](UsageReport::uncertain) (the default).
+    /// Oneloop may under-bill by that much; it never bills twice.
+    #[default]
+    AtMostOnce,
+    /// Send it again until it is acknowledged or rejected; count it in
+    /// [`resent`](UsageReport::resent). Oneloop may bill it twice; it never under-bills.
+    AtLeastOnce,
+}
+
 impl BatchConfig {
+    /// What happens to usage whose send may have been recorded (default
+    /// [`DeliveryPolicy::AtMostOnce`]).
+    pub fn delivery(mut self, policy: DeliveryPolicy) -> Self {
+        self.delivery = policy;
+        self
+    }
+
     /// How often the buffer is flushed (default 1 s).
     pub fn interval(mut self, d: Duration) -> Self {
         self.interval = d.clamp(Duration::from_millis(1), Duration::from_secs(3600));
@@ -59,8 +86,8 @@ impl BatchConfig {
         self
     }
 
-    /// The longest wait between retries while Oneloop fails (default 30 s; it doubles from the
-    /// interval).
+    /// The longest wait between retries while Oneloop cannot be reached (default 30 s; it doubles
+    /// from the interval, with jitter).
     pub fn max_backoff(mut self, d: Duration) -> Self {
         self.max_backoff = d;
         self
@@ -75,10 +102,49 @@ impl BatchConfig {
 
 type Pair = (ApiKey, Option<Arc<str>>);
 
+/// What became of the usage recorded into a [`UsageBatcher`], in units of usage. Every unit is in
+/// exactly one of the classes, so
+/// `recorded == acknowledged + rejected + uncertain + dropped + unsent`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct UsageReport {
+    /// Given to the batcher.
+    pub recorded: u64,
+    /// Sent, and answered `2xx`.
+    pub acknowledged: u64,
+    /// Refused by Oneloop for good (`400`, `401`, `403`, `404`, `422`, a redirect): not sent again.
+    pub rejected: u64,
+    /// Sent, and maybe recorded (a timeout or reset after the request was written, a `5xx`, or a
+    /// send cut off by [`shutdown`](UsageBatcher::shutdown)); not sent again.
+    pub uncertain: u64,
+    /// Dropped because the buffer was full.
+    pub dropped: u64,
+    /// Buffered or in flight: not yet in any other class.
+    pub unsent: u64,
+    /// With [`DeliveryPolicy::AtLeastOnce`], units sent again after an uncertain send (not a class
+    /// of its own: they are counted where their last send ended). Oneloop may have billed them twice.
+    pub resent: u64,
+}
+
+impl UsageReport {
+    /// Whether every recorded unit is accounted for (always true; a test checks it).
+    pub fn balances(&self) -> bool {
+        let classes = [self.acknowledged, self.rejected, self.uncertain, self.dropped, self.unsent];
+        classes.iter().fold(0u64, |sum, n| sum.saturating_add(*n)) == self.recorded
+    }
+}
+
 /// A [`UsageSink`] that sums usage per (key, usage name) and sends it to Oneloop's
-/// `record-usage` in the background: every interval, or sooner when a batch is full; failed sends
-/// are retried with backoff; nothing blocks a request. It holds the raw keys of buffered usage
-/// (Oneloop identifies keys by value) until they are sent.
+/// `record-usage` in the background: every interval, or sooner when a batch is full. Nothing blocks
+/// a request. It holds the raw keys of buffered usage (Oneloop identifies keys by value) until they
+/// are sent.
+///
+/// **Delivery.** Each send ends in one class: acknowledged (`2xx`); not delivered (no connection,
+/// or `408`/`429`/`503`): kept and retried with capped, jittered backoff; rejected (other `4xx`, a
+/// redirect): counted, logged once per status, not retried; uncertain (timeout or reset after the
+/// request was written, `500`/`502`/`504`): by default counted and not re-sent, since Oneloop may
+/// have recorded it and record-usage has no idempotency key. [`report`](Self::report) says where
+/// every unit went.
 ///
 /// Call [`shutdown`](Self::shutdown) after the server stops so buffered usage is sent.
 ///
@@ -93,8 +159,9 @@ type Pair = (ApiKey, Option<Arc<str>>);
 /// let batcher = UsageBatcher::new(oneloop.clone(), BatchConfig::default());
 /// let layer = ApiKeyLayer::builder(oneloop).usage_sink(batcher.clone()).build()?;
 /// // … serve with `layer` until shutdown, then:
-/// let unsent = batcher.shutdown(Duration::from_secs(5)).await;
-/// assert_eq!(unsent, 0);
+/// let report = batcher.shutdown(Duration::from_secs(5)).await;
+/// assert!(report.balances());
+/// assert_eq!(report.unsent, 0);
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
@@ -105,14 +172,41 @@ pub struct UsageBatcher {
 struct Shared {
     oneloop: OneloopVerifier,
     config: BatchConfig,
-    buffer: Mutex<HashMap<Pair, u64>>,
-    overflowed: AtomicU64,
-    sent: AtomicU64,
+    ledger: Mutex<Ledger>,
     wake: Notify,
-    started: OnceLock<()>,
+    /// The background task, started with the first usage recorded.
+    task: OnceLock<AbortHandle>,
     closed: AtomicBool,
     /// Held for a whole flush, so `shutdown` can tell "empty" from "taken out and being sent".
     flushing: tokio::sync::Mutex<()>,
+}
+
+/// The buffer, the sends in flight and the report, under one lock so every unit is in exactly one
+/// place at any time.
+#[derive(Default)]
+struct Ledger {
+    buffer: HashMap<Pair, u64>,
+    /// Sends under way, by send number: whoever removes one (its send settling, or shutdown giving
+    /// up on it) accounts for its units.
+    in_flight: HashMap<u64, u64>,
+    next_send: u64,
+    report: UsageReport,
+    /// Statuses already logged as rejections: each is logged once.
+    rejected_logged: HashSet<u16>,
+    /// Whether record-usage is failing, so the change is logged once, not per send.
+    degraded: bool,
+}
+
+impl Ledger {
+    fn unsent(&self) -> u64 {
+        self.buffer.values().chain(self.in_flight.values()).fold(0u64, |sum, n| sum.saturating_add(*n))
+    }
+
+    /// Puts a pair's units back to be sent again (they were counted as recorded already).
+    fn requeue(&mut self, pair: Pair, amount: u64) {
+        let sum = self.buffer.entry(pair).or_default();
+        *sum = sum.saturating_add(amount);
+    }
 }
 
 impl UsageBatcher {
@@ -121,11 +215,9 @@ impl UsageBatcher {
         let shared = Shared {
             oneloop,
             config,
-            buffer: Mutex::default(),
-            overflowed: AtomicU64::new(0),
-            sent: AtomicU64::new(0),
+            ledger: Mutex::default(),
             wake: Notify::new(),
-            started: OnceLock::new(),
+            task: OnceLock::new(),
             closed: AtomicBool::new(false),
             flushing: tokio::sync::Mutex::new(()),
         };
@@ -134,24 +226,31 @@ impl UsageBatcher {
 
     /// Usage waiting to be sent, in (key, usage name) pairs.
     pub fn pending(&self) -> usize {
-        self.shared.lock().len()
+        self.shared.lock().buffer.len()
     }
 
     /// Usage dropped because the buffer was full (an amount, not a count of pairs).
     pub fn overflowed(&self) -> u64 {
-        self.shared.overflowed.load(Ordering::Relaxed)
+        self.shared.lock().report.dropped
     }
 
     /// Usage sent and acknowledged by Oneloop (an amount).
     pub fn sent(&self) -> u64 {
-        self.shared.sent.load(Ordering::Relaxed)
+        self.shared.lock().report.acknowledged
     }
 
-    /// Sends what is buffered, retrying until it is all sent or `deadline` passes; returns the
-    /// pairs left unsent. Usage recorded afterwards is still buffered and sent.
-    pub async fn shutdown(&self, deadline: Duration) -> usize {
+    /// Where every unit recorded so far is now.
+    pub fn report(&self) -> UsageReport {
+        let ledger = self.shared.lock();
+        UsageReport { unsent: ledger.unsent(), ..ledger.report }
+    }
+
+    /// Sends what is buffered, retrying what was not delivered until it is all sent or `deadline`
+    /// passes, then stops the background task. Sends still in flight at the deadline are cut off and
+    /// counted as uncertain; what was never sent stays unsent. Usage recorded afterwards is counted
+    /// and buffered, and sent by a later `shutdown`.
+    pub async fn shutdown(&self, deadline: Duration) -> UsageReport {
         self.shared.closed.store(true, Ordering::SeqCst);
-        self.shared.wake.notify_one();
         let flush = async {
             loop {
                 // Waits out a flush in progress: its batch is no longer in the buffer.
@@ -165,71 +264,100 @@ impl UsageBatcher {
             }
         };
         let _ = tokio::time::timeout(deadline, flush).await;
-        let left = self.pending();
-        if left > 0 {
-            tracing::error!(pairs = left, "keygate: usage not sent to Oneloop before the shutdown deadline");
+        if let Some(task) = self.shared.task.get() {
+            task.abort();
         }
-        left
+        let report = {
+            let mut ledger = self.shared.lock();
+            // Sends cut off mid-flight may have reached Oneloop: uncertain, never re-sent.
+            let cut: u64 = ledger.in_flight.drain().map(|(_, n)| n).fold(0u64, u64::saturating_add);
+            ledger.report.uncertain = ledger.report.uncertain.saturating_add(cut);
+            UsageReport { unsent: ledger.unsent(), ..ledger.report }
+        };
+        if report.unsent > 0 || report.uncertain > 0 {
+            tracing::error!(
+                unsent = report.unsent,
+                uncertain = report.uncertain,
+                "keygate: usage not confirmed by Oneloop at shutdown"
+            );
+        }
+        report
     }
 
     fn start(&self) {
+        if self.shared.closed.load(Ordering::Relaxed) {
+            return;
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        self.shared.started.get_or_init(|| {
-            runtime.spawn(self.shared.clone().run());
-        });
+        self.shared.task.get_or_init(|| runtime.spawn(self.shared.clone().run()).abort_handle());
     }
 }
 
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Pair, u64>> {
-        self.buffer.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Adds to the buffer; `false` if it was full and the usage dropped.
-    fn add(&self, pair: Pair, amount: u64) -> bool {
-        let mut buffer = self.lock();
-        if let Some(sum) = buffer.get_mut(&pair) {
+    /// Counts new usage and buffers it; usage that finds the buffer full is dropped and counted.
+    fn add(&self, pair: Pair, amount: u64) {
+        let mut ledger = self.lock();
+        ledger.report.recorded = ledger.report.recorded.saturating_add(amount);
+        if let Some(sum) = ledger.buffer.get_mut(&pair) {
             *sum = sum.saturating_add(amount);
-            return true;
+            return;
         }
-        if buffer.len() >= self.config.max_buffered {
-            drop(buffer);
-            if self.overflowed.fetch_add(amount, Ordering::Relaxed) == 0 {
+        if ledger.buffer.len() >= self.config.max_buffered {
+            let first = ledger.report.dropped == 0;
+            ledger.report.dropped = ledger.report.dropped.saturating_add(amount);
+            drop(ledger);
+            if first {
                 tracing::error!(max = self.config.max_buffered, "keygate: usage buffer full; usage is being dropped");
             }
-            return false;
+            return;
         }
-        buffer.insert(pair, amount);
-        if buffer.len() >= self.config.batch_size {
+        ledger.buffer.insert(pair, amount);
+        if ledger.buffer.len() >= self.config.batch_size {
             self.wake.notify_one();
         }
-        true
     }
 
     async fn run(self: Arc<Self>) {
-        let mut wait = self.config.interval;
+        let mut backoff = self.config.interval;
         loop {
-            // Wakes at the interval, or sooner when a batch fills.
-            let _ = tokio::time::timeout(wait, self.wake.notified()).await;
+            // Wakes at the interval, or sooner when a batch fills; backs off while Oneloop is away.
+            let _ = tokio::time::timeout(jittered(backoff), self.wake.notified()).await;
             let failed = self.flush().await;
-            wait = if failed { wait.saturating_mul(2).min(self.config.max_backoff) } else { self.config.interval };
+            backoff =
+                if failed { backoff.saturating_mul(2).min(self.config.max_backoff) } else { self.config.interval };
         }
     }
 
-    /// Sends everything buffered now; failed sends go back into the buffer. `true` if any failed.
+    /// Sends everything buffered now. `true` if a send was not delivered (so it is worth waiting).
     async fn flush(self: &Arc<Self>) -> bool {
         let _flushing = self.flushing.lock().await;
-        let batch: Vec<(Pair, u64)> = std::mem::take(&mut *self.lock()).into_iter().collect();
+        let batch: Vec<(u64, Pair, u64)> = {
+            let mut ledger = self.lock();
+            let taken = std::mem::take(&mut ledger.buffer);
+            taken
+                .into_iter()
+                .map(|(pair, amount)| {
+                    let id = ledger.next_send;
+                    ledger.next_send += 1;
+                    ledger.in_flight.insert(id, amount);
+                    (id, pair, amount)
+                })
+                .collect()
+        };
         let mut failed = false;
         let mut sends = JoinSet::new();
-        for ((key, name), amount) in batch {
+        for (id, (key, name), amount) in batch {
             if sends.len() >= self.config.concurrency {
                 failed |= self.settle(sends.join_next().await);
             }
             let shared = self.clone();
             sends.spawn(async move {
-                let result = shared.oneloop.record_usage(&key, amount, name.as_deref()).await;
-                (result, (key, name), amount)
+                let delivery = shared.oneloop.deliver_usage(&key, amount, name.as_deref()).await;
+                (id, delivery, (key, name))
             });
         }
         while let Some(done) = sends.join_next().await {
@@ -238,27 +366,66 @@ impl Shared {
         failed
     }
 
-    fn settle(&self, done: Option<Result<SendOutcome, tokio::task::JoinError>>) -> bool {
-        match done {
-            Some(Ok((Ok(()), _, amount))) => {
-                self.sent.fetch_add(amount, Ordering::Relaxed);
+    /// Accounts for one finished send. `true` if it was not delivered.
+    fn settle(&self, done: Option<Result<(u64, Delivery, Pair), tokio::task::JoinError>>) -> bool {
+        let Some(Ok((id, delivery, pair))) = done else { return false };
+        let mut ledger = self.lock();
+        // Gone: shutdown gave up on this send and counted it as uncertain already.
+        let Some(amount) = ledger.in_flight.remove(&id) else { return false };
+        let report = &mut ledger.report;
+        match delivery {
+            Delivery::Acknowledged => {
+                report.acknowledged = report.acknowledged.saturating_add(amount);
+                if std::mem::take(&mut ledger.degraded) {
+                    tracing::info!("keygate: Oneloop record-usage is answering again");
+                }
                 false
             }
-            Some(Ok((Err(error), pair, amount))) => {
-                tracing::warn!(%error, "keygate: record-usage failed; will retry");
-                self.add(pair, amount);
+            Delivery::NotDelivered(error) => {
+                ledger.requeue(pair, amount);
+                if !std::mem::replace(&mut ledger.degraded, true) {
+                    tracing::warn!(%error, "keygate: record-usage not delivered; retrying with backoff");
+                }
                 true
             }
-            Some(Err(_)) | None => true,
+            Delivery::Rejected(status, error) => {
+                report.rejected = report.rejected.saturating_add(amount);
+                if ledger.rejected_logged.insert(status) {
+                    tracing::error!(%error, "keygate: Oneloop rejected usage; it is not sent again (logged once per status)");
+                }
+                false
+            }
+            Delivery::Uncertain(error) => {
+                let first = report.uncertain == 0 && report.resent == 0;
+                match self.config.delivery {
+                    DeliveryPolicy::AtMostOnce => report.uncertain = report.uncertain.saturating_add(amount),
+                    DeliveryPolicy::AtLeastOnce => {
+                        report.resent = report.resent.saturating_add(amount);
+                        ledger.requeue(pair, amount);
+                    }
+                }
+                if first {
+                    tracing::warn!(%error, policy = ?self.config.delivery, "keygate: record-usage answer lost; Oneloop may have recorded it");
+                }
+                self.config.delivery == DeliveryPolicy::AtLeastOnce
+            }
         }
     }
 }
 
-type SendOutcome = (Result<(), crate::verify::VerifyError>, Pair, u64);
+/// Between half and all of `wait`, so instances that failed together do not retry together.
+fn jittered(wait: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    let r = getrandom::fill(&mut b).map_or(u16::MAX, |()| u16::from_le_bytes(b));
+    wait / 2 + wait.mul_f64(f64::from(r) / f64::from(u16::MAX) / 2.0)
+}
 
 impl UsageSink for UsageBatcher {
     fn record(&self, of: UsageOf<'_>, name: Option<&str>, amount: u64) {
         let Some(key) = of.key else { return };
+        if amount == 0 {
+            return;
+        }
         self.shared.add((key.clone(), name.map(Arc::from)), amount);
         self.start();
     }

@@ -14,7 +14,7 @@ mod batcher;
 mod ledger;
 
 #[cfg(feature = "oneloop")]
-pub use batcher::{BatchConfig, UsageBatcher};
+pub use batcher::{BatchConfig, DeliveryPolicy, UsageBatcher, UsageReport};
 pub(crate) use ledger::Ledger;
 
 use crate::key::ApiKey;

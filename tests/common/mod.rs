@@ -3,6 +3,8 @@
 
 #[cfg(feature = "oneloop")]
 pub mod oneloop;
+#[cfg(feature = "oneloop")]
+pub mod usage_server;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};

@@ -20,6 +20,8 @@ pub const TOKEN: &str = "ws_test_token";
 pub enum Behaviour {
     Normal,
     Status500,
+    /// `503`: the service says it did not take the request.
+    Status503,
     /// 200 with a body that is not JSON.
     Garbage,
     /// 200 with JSON of the wrong types.
@@ -126,6 +128,7 @@ async fn misbehave(fake: &Fake) -> Option<Response> {
     Some(match behaviour {
         Behaviour::Normal => return None,
         Behaviour::Status500 => error(StatusCode::INTERNAL_SERVER_ERROR, "boom"),
+        Behaviour::Status503 => error(StatusCode::SERVICE_UNAVAILABLE, "down for maintenance"),
         Behaviour::Garbage => (StatusCode::OK, "<html>definitely not json").into_response(),
         Behaviour::WrongTypes => Json(json!({"apiKeyId": 5, "status": ["VALID"], "scopes": "all"})).into_response(),
         Behaviour::Huge => (StatusCode::OK, vec![b' '; 10 * 1024 * 1024]).into_response(),

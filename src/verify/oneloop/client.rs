@@ -9,6 +9,21 @@ use std::time::Duration;
 /// The largest response body read; a larger one is a broken or hostile upstream.
 const MAX_BODY: usize = 256 * 1024;
 
+/// What became of a `record-usage` call. Oneloop's record-usage has no idempotency key, so a call
+/// that may have been recorded must not be sent again by default: the classes say which may.
+#[derive(Debug)]
+pub(crate) enum Delivery {
+    /// `2xx`: recorded.
+    Acknowledged,
+    /// Certainly not recorded: no connection, or Oneloop said it did not take it (`408`, `429`,
+    /// `503`). Safe to send again.
+    NotDelivered(String),
+    /// Refused for good (other `4xx`, or a redirect): sending it again gets the same answer.
+    Rejected(u16, String),
+    /// Sent, and maybe recorded: a timeout or reset after the request was written, or `5xx`.
+    Uncertain(String),
+}
+
 /// A failed call.
 #[derive(Debug)]
 pub(crate) enum CallError {
@@ -25,6 +40,8 @@ pub(crate) struct Client {
     /// The workspace token. Never logged or printed.
     pub(crate) token: String,
     pub(crate) timeout: Duration,
+    /// The time allowed for one `record-usage` call: off the request path, so longer.
+    pub(crate) usage_timeout: Duration,
     /// Whether the bad-token error was logged already: it is logged once, loudly.
     pub(crate) warned_token: AtomicBool,
 }
@@ -36,27 +53,38 @@ impl Client {
             .map_err(|e| CallError::Down(format!("Oneloop verify answered an invalid body: {e}")))
     }
 
-    pub(crate) async fn record_usage(&self, body: &RecordUsageBody<'_>) -> Result<(), CallError> {
-        self.post("/api/v1/api-key/record-usage", body, body.key).await.map(drop)
+    pub(crate) async fn record_usage(&self, body: &RecordUsageBody<'_>) -> Delivery {
+        const PATH: &str = "/api/v1/api-key/record-usage";
+        let url = format!("{}{PATH}", self.base_url);
+        let sent = self.http.post(&url).bearer_auth(&self.token).json(body).timeout(self.usage_timeout).send().await;
+        let res = match sent {
+            Ok(res) => res,
+            // A connection that never opened carried nothing.
+            Err(e) if e.is_connect() => return Delivery::NotDelivered(format!("Oneloop {PATH}: {}", transport(&e))),
+            Err(e) => return Delivery::Uncertain(format!("Oneloop {PATH}: {} after sending", transport(&e))),
+        };
+        let status = res.status();
+        // The status line is Oneloop's answer; the body (`{}`) adds nothing, so it is not awaited.
+        match status.as_u16() {
+            200..=299 => Delivery::Acknowledged,
+            408 | 429 | 503 => Delivery::NotDelivered(format!("Oneloop {PATH}: {status}")),
+            300..=499 => {
+                let bytes = read_capped(res).await.unwrap_or_default();
+                Delivery::Rejected(
+                    status.as_u16(),
+                    format!("Oneloop {PATH}: {status}: {}", error_detail(&bytes, body.key)),
+                )
+            }
+            _ => Delivery::Uncertain(format!("Oneloop {PATH}: {status}")),
+        }
     }
 
     async fn post<T: Serialize>(&self, path: &str, body: &T, key: &str) -> Result<Vec<u8>, CallError> {
         let url = format!("{}{path}", self.base_url);
         let sent = self.http.post(&url).bearer_auth(&self.token).json(body).timeout(self.timeout).send().await;
-        let mut res = sent.map_err(|e| CallError::Down(format!("Oneloop {path}: {}", transport(&e))))?;
+        let res = sent.map_err(|e| CallError::Down(format!("Oneloop {path}: {}", transport(&e))))?;
         let status = res.status();
-        if res.content_length().is_some_and(|n| n > MAX_BODY as u64) {
-            return Err(CallError::Down(format!("Oneloop {path}: body over {MAX_BODY} bytes")));
-        }
-        let mut bytes = Vec::new();
-        while let Some(chunk) =
-            res.chunk().await.map_err(|e| CallError::Down(format!("Oneloop {path}: {}", transport(&e))))?
-        {
-            if bytes.len() + chunk.len() > MAX_BODY {
-                return Err(CallError::Down(format!("Oneloop {path}: body over {MAX_BODY} bytes")));
-            }
-            bytes.extend_from_slice(&chunk);
-        }
+        let bytes = read_capped(res).await.map_err(|m| CallError::Down(format!("Oneloop {path}: {m}")))?;
         if status.is_success() {
             return Ok(bytes);
         }
@@ -72,6 +100,21 @@ impl Client {
             _ => Err(CallError::Down(format!("Oneloop {path}: {status}: {detail}"))),
         }
     }
+}
+
+/// The body, up to [`MAX_BODY`] bytes.
+async fn read_capped(mut res: reqwest::Response) -> Result<Vec<u8>, String> {
+    if res.content_length().is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(format!("body over {MAX_BODY} bytes"));
+    }
+    let mut bytes = Vec::new();
+    while let Some(chunk) = res.chunk().await.map_err(|e| transport(&e).to_owned())? {
+        if bytes.len() + chunk.len() > MAX_BODY {
+            return Err(format!("body over {MAX_BODY} bytes"));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
 }
 
 /// The error body's code and message, with the key scrubbed in case the upstream echoes it.

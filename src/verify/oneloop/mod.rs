@@ -18,6 +18,7 @@ use crate::cache::{CacheConfig, CachedVerifier};
 use crate::key::{ApiKey, PresentedKey};
 use crate::layer::BuildError;
 use crate::verify::{BoxFuture, Verification, Verifier, VerifyError, VerifyRequest};
+pub(crate) use client::Delivery;
 use client::{CallError, Client};
 use std::fmt;
 use std::sync::atomic::AtomicBool;
@@ -27,8 +28,11 @@ use wire::{BillingBody, RateLimitBody, RecordUsageBody, VerifyBody};
 
 /// The production server in Oneloop's spec.
 pub const DEFAULT_BASE_URL: &str = "https://prod.oneloop.ai";
-/// The default time allowed for one call to Oneloop.
+/// The default time allowed for one call to Oneloop's verify.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(300);
+/// The default time allowed for one call to Oneloop's record-usage: it is off the request path, and
+/// a call that times out may have been recorded, so it gets room to answer.
+pub const DEFAULT_USAGE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How the verifier uses Oneloop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -64,6 +68,7 @@ impl OneloopVerifier {
             token: workspace_token.into(),
             base_url: DEFAULT_BASE_URL.into(),
             timeout: DEFAULT_TIMEOUT,
+            usage_timeout: DEFAULT_USAGE_TIMEOUT,
             client: None,
             mode: Mode::Cached,
             cache: CacheConfig::default(),
@@ -97,12 +102,22 @@ impl OneloopVerifier {
 
     /// Records `usage` of `usage_name` (or the default usage) for `key`
     /// (`POST /api/v1/api-key/record-usage`).
+    ///
+    /// # Errors
+    /// Any answer but a `2xx`. The call has no idempotency key: after a timeout or a `5xx` the usage
+    /// may have been recorded, so sending it again may count it twice (the
+    /// [`UsageBatcher`](crate::usage::UsageBatcher) does not, by default).
     pub async fn record_usage(&self, key: &ApiKey, usage: u64, usage_name: Option<&str>) -> Result<(), VerifyError> {
+        match self.deliver_usage(key, usage, usage_name).await {
+            Delivery::Acknowledged => Ok(()),
+            Delivery::NotDelivered(m) | Delivery::Rejected(_, m) | Delivery::Uncertain(m) => Err(VerifyError::new(m)),
+        }
+    }
+
+    pub(crate) async fn deliver_usage(&self, key: &ApiKey, usage: u64, usage_name: Option<&str>) -> Delivery {
         let billing = BillingBody { usage: usage.to_string(), usage_name };
         let body = RecordUsageBody { key: key.expose_secret(), billing };
-        self.upstream.0.client.record_usage(&body).await.map_err(|e| match e {
-            CallError::Down(m) | CallError::Refused(m) => VerifyError::new(m),
-        })
+        self.upstream.0.client.record_usage(&body).await
     }
 }
 
@@ -136,6 +151,7 @@ pub struct OneloopBuilder {
     token: String,
     base_url: String,
     timeout: Duration,
+    usage_timeout: Duration,
     client: Option<reqwest::Client>,
     mode: Mode,
     cache: CacheConfig,
@@ -149,13 +165,23 @@ impl OneloopBuilder {
         self
     }
 
-    /// The time allowed for one call (default 300 ms).
+    /// The time allowed for one verify call (default 300 ms).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
     }
 
-    /// Your own `reqwest::Client` (proxies, pools, TLS roots).
+    /// The time allowed for one record-usage call (default [`DEFAULT_USAGE_TIMEOUT`], 5 s). It is
+    /// off the request path, and a call that times out may have been recorded (and is then not
+    /// sent again by default), so it should be generous.
+    pub fn usage_timeout(mut self, timeout: Duration) -> Self {
+        self.usage_timeout = timeout;
+        self
+    }
+
+    /// Your own `reqwest::Client` (proxies, pools, TLS roots). Build it with
+    /// `.redirect(reqwest::redirect::Policy::none())`: a client that follows redirects would
+    /// re-send your users' keys to wherever a redirect points.
     pub fn client(mut self, client: reqwest::Client) -> Self {
         self.client = Some(client);
         self
@@ -189,13 +215,15 @@ impl OneloopBuilder {
             Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => url,
             _ => return bad("the Oneloop base URL must be an http(s) URL"),
         };
-        if self.timeout.is_zero() {
-            return bad("the Oneloop timeout must be above zero");
+        if self.timeout.is_zero() || self.usage_timeout.is_zero() {
+            return bad("the Oneloop timeouts must be above zero");
         }
         let http = match self.client {
             Some(client) => client,
             None => reqwest::Client::builder()
                 .pool_idle_timeout(Duration::from_secs(60))
+                // A redirect would carry the user's key to another origin: a 3xx is a failed call.
+                .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .map_err(|e| BuildError::Verifier(format!("HTTP client: {e}")))?,
         };
@@ -204,6 +232,7 @@ impl OneloopBuilder {
             base_url: url.as_str().trim_end_matches('/').to_owned(),
             token: self.token,
             timeout: self.timeout,
+            usage_timeout: self.usage_timeout,
             warned_token: AtomicBool::new(false),
         };
         let upstream =
