@@ -12,7 +12,9 @@ use crate::limit::{
 use crate::reject::{Rejection, Responder};
 use crate::scope::{Action, RequiredScope, Route, RouteEntry, ScopeMap, Unmapped};
 use crate::usage::{allowance, Meter, UsageHandle, UsageOf};
-use crate::verify::{Billing, BoxFuture, KeyStatus, RateLimitConfig, Verification, Verifier, VerifyRequest};
+use crate::verify::{
+    Billing, BoxFuture, KeyStatus, RateLimitConfig, RateLimitState, Verification, Verifier, VerifyRequest,
+};
 use bytes::Bytes;
 use http::{Method, Request, Response};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -92,7 +94,7 @@ impl Gate {
             return Admission::Pending(self.verify_later(key, digest, scope, entry));
         };
         match self.decide(verification, scope.as_ref()) {
-            Ok(key) => self.enforce(key, entry, raw),
+            Ok(key) => self.enforce(key, entry, raw, None),
             Err(rejection) => Admission::Reject(rejection),
         }
     }
@@ -131,8 +133,10 @@ impl Gate {
                     return Err(Rejection::Unavailable { retry_after });
                 }
             };
+            // Per-request Oneloop counted the route's usage and its first limit already.
+            let counted = verification.counted.then_some(verification.rate_limit);
             let key = gate.decide(verification, scope.as_ref())?;
-            match gate.enforce(key, &entry, raw) {
+            match gate.enforce(key, &entry, raw, counted) {
                 Admission::Pass(passed) => Ok(passed),
                 Admission::Reject(rejection) => Err(rejection),
                 Admission::Pending(limits) => limits.await,
@@ -186,21 +190,41 @@ impl Gate {
 
     /// Rate limits and usage allowance, decided together by the limiter (all or nothing), then the
     /// charge reported. A refused request is charged nothing.
-    fn enforce(self: &Arc<Self>, mut key: VerifiedKey, entry: &RouteEntry, raw: Option<ApiKey>) -> Admission {
+    ///
+    /// `counted` is `Some` when the verifier counted the route's usage and first rate limit itself
+    /// (with that limit's state, if it reported one): each is then counted there only, never here.
+    fn enforce(
+        self: &Arc<Self>,
+        mut key: VerifiedKey,
+        entry: &RouteEntry,
+        raw: Option<ApiKey>,
+        counted: Option<Option<RateLimitState>>,
+    ) -> Admission {
         let facts = key.facts().clone();
-        let usage = entry.policy.usage.clone();
+        let usage = entry.policy.usage.clone().filter(|_| counted.is_none());
+        let upstream = counted.flatten().zip(entry.policy.limits.first()).map(|(state, limit)| LimitState {
+            limit: limit.clone(),
+            remaining: state.remaining,
+            reset: state.reset_at.duration_since(SystemTime::now()).unwrap_or_default(),
+        });
         let charge = usage.as_ref().filter(|u| u.amount > 0).and_then(|u| {
             let (allowed, reported) = allowance(&facts)?;
             Some(UsageCharge { allowed, reported, amount: u.amount })
         });
         key.set_usage(UsageHandle::new(self.meter.clone(), facts.clone(), raw));
-        let limits = self.limits_for(&facts, entry);
+        let limits = self.limits_for(&facts, entry, counted.is_some());
         if limits.is_empty() && charge.is_none() {
             self.report(&key, usage.as_ref());
-            return Admission::Pass((Some(key), None));
+            let states: Vec<LimitState> = upstream.into_iter().collect();
+            let headers = RateLimitHeaders::new(self.header_style, &states);
+            if !states.is_empty() {
+                key.set_rate_limits(states);
+            }
+            return Admission::Pass((Some(key), headers));
         }
         let finish = move |gate: &Gate, verdict: Result<LimitVerdict, limit::LimitError>| match verdict {
-            Ok(Ok(states)) => {
+            Ok(Ok(mut states)) => {
+                states.extend(upstream);
                 gate.report(&key, usage.as_ref());
                 let headers = RateLimitHeaders::new(gate.header_style, &states);
                 key.set_rate_limits(states);
@@ -232,8 +256,14 @@ impl Gate {
         }
     }
 
-    /// The layer's, the route's and the key's limits, each at the route's cost.
-    fn limits_for(&self, facts: &crate::verify::KeyFacts, entry: &RouteEntry) -> Vec<(RateLimit, u64)> {
+    /// The layer's, the route's and the key's limits, each at the route's cost; without the route's
+    /// first limit when the verifier counted it.
+    fn limits_for(
+        &self,
+        facts: &crate::verify::KeyFacts,
+        entry: &RouteEntry,
+        verifier_counted: bool,
+    ) -> Vec<(RateLimit, u64)> {
         let from_metadata = self.metadata_limit.as_deref().and_then(|field| {
             let text = facts.metadata.get(field)?;
             let parsed = parse_limit(text);
@@ -244,7 +274,8 @@ impl Gate {
         });
         let cost = entry.policy.cost;
         let mut limits: Vec<(RateLimit, u64)> = Vec::new();
-        let all = self.limits.iter().chain(&entry.policy.limits).chain(facts.rate_limit.as_deref());
+        let route = entry.policy.limits.iter().skip(usize::from(verifier_counted));
+        let all = self.limits.iter().chain(route).chain(facts.rate_limit.as_deref());
         // The same limit from two places (layer and route, key and metadata) is one limit.
         for limit in all.chain(from_metadata.as_ref()) {
             if !limits.iter().any(|(l, _)| l == limit) {

@@ -188,3 +188,43 @@ async fn oneloops_billing_meter_is_the_allowance() {
     }
     assert_eq!(passed, 10);
 }
+
+/// Per-request mode: Oneloop's verify bills the route's usage and counts the route's rate limit,
+/// so the layer counts neither again: 12 requests bill 12 units once (not once in verify and again
+/// through record-usage), and the limit is Oneloop's window, not a second local one.
+#[tokio::test]
+async fn per_request_mode_counts_usage_and_the_route_limit_once() {
+    let (addr, fake) = start().await;
+    fake.add("key-a", answer("key_a", &["items:*"]));
+    let oneloop = OneloopVerifier::builder(TOKEN)
+        .base_url(format!("http://{addr}"))
+        .mode(keygate::verify::oneloop::Mode::PerRequest)
+        .build()
+        .unwrap();
+    let batcher = UsageBatcher::new(oneloop.clone(), BatchConfig::default().interval(Duration::from_millis(20)));
+    let limit = keygate::limit::RateLimit::per_minute("rl", 3).unwrap();
+    let routes = ScopeMap::new()
+        .route_with("/gen", "items", RoutePolicy::new().usage(1, Some("requests")).rate_limit(limit))
+        .route_with("/free", "items", RoutePolicy::new().usage(1, Some("requests")));
+    let layer = ApiKeyLayer::builder(oneloop).routes(routes).usage_sink(batcher.clone()).build().unwrap();
+    let app = Router::new().route("/gen", get(|| async { "ok" })).route("/free", get(|| async { "ok" })).layer(layer);
+    for _ in 0..12 {
+        assert_eq!(call(&app, "GET", "/free", "key-a").await.0, StatusCode::OK);
+    }
+    assert_eq!(batcher.shutdown(Duration::from_secs(5)).await.recorded, 0, "nothing for record-usage");
+    assert_eq!(used(&fake, "key-a", "requests"), 12, "billed once, by verify");
+
+    let mut passed = 0;
+    for _ in 0..6 {
+        passed += u32::from(call(&app, "GET", "/gen", "key-a").await.0 == StatusCode::OK);
+    }
+    assert_eq!(passed, 3, "Oneloop's limit of 3");
+    // Oneloop's window ends: its limit is the only one, so the key passes again at once.
+    fake.end_rate_windows();
+    let req = Request::get("/gen").header("x-api-key", "key-a").body(Body::empty()).unwrap();
+    let res = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK, "no second, local window of the same limit");
+    assert_eq!(res.headers()["ratelimit"], "\"rl\";r=2;t=60", "the headers show Oneloop's count");
+    assert_eq!(used(&fake, "key-a", "requests"), 12 + 4);
+    fake.assert_no_violations();
+}

@@ -6,7 +6,7 @@ mod common;
 use axum::body::Body;
 use axum::routing::get;
 use axum::Router;
-use common::oneloop::{answer, start, Behaviour, TOKEN};
+use common::oneloop::{answer, millis_from_now, start, Behaviour, TOKEN};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use keygate::breaker::BreakerConfig;
@@ -75,10 +75,6 @@ fn spawn_calls(app: &Router, key: &'static str, n: usize) -> Vec<tokio::task::Jo
             tokio::spawn(async move { call(&app, "GET", "/v1/items", key).await })
         })
         .collect()
-}
-
-fn millis_from_now(d: Duration) -> u64 {
-    (SystemTime::now() + d).duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

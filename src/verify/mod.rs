@@ -179,17 +179,22 @@ pub struct Verification {
     pub rate_limit: Option<RateLimitState>,
     /// Served from a cache past its freshness because the verifier failed (stale-if-error).
     pub stale: bool,
+    /// The verifier itself counted this request's [`billing`](VerifyRequest::billing) usage and
+    /// [`rate_limit`](VerifyRequest::rate_limit) (Oneloop's per-request mode), so the layer counts
+    /// neither again: it records no usage for the route and enforces that limit from
+    /// [`rate_limit`](Self::rate_limit) alone.
+    pub counted: bool,
 }
 
 impl Verification {
     /// An unknown key.
     pub fn invalid() -> Self {
-        Self { status: KeyStatus::Invalid, facts: None, rate_limit: None, stale: false }
+        Self { status: KeyStatus::Invalid, facts: None, rate_limit: None, stale: false, counted: false }
     }
 
     /// A key with `status` and `facts`.
     pub fn new(status: KeyStatus, facts: Arc<KeyFacts>) -> Self {
-        Self { status, facts: Some(facts), rate_limit: None, stale: false }
+        Self { status, facts: Some(facts), rate_limit: None, stale: false, counted: false }
     }
 }
 

@@ -46,6 +46,9 @@ pub struct Fake {
     pub delay: Mutex<Duration>,
     pub violations: Mutex<Vec<String>>,
     pub last_verify: Mutex<Option<Value>>,
+    /// Per-request metering as Oneloop does it: `rateLimitConfig` counted per (key, id) in the
+    /// current window (until `end_rate_windows`), `billing.usage` added to `usage` on a VALID answer.
+    pub rate_counts: Mutex<HashMap<(String, String), u64>>,
 }
 
 impl Fake {
@@ -69,6 +72,11 @@ impl Fake {
     /// Changes one field of `key`'s answer.
     pub fn patch(&self, key: &str, field: &str, value: Value) {
         self.keys.lock().unwrap().get_mut(key).unwrap()[field] = value;
+    }
+
+    /// Oneloop's rate-limit windows end: every `rateLimitConfig` counter starts again.
+    pub fn end_rate_windows(&self) {
+        self.rate_counts.lock().unwrap().clear();
     }
 
     pub fn assert_no_violations(&self) {
@@ -159,6 +167,28 @@ async fn verify(State(fake): State<Arc<Fake>>, headers: HeaderMap, body: bytes::
                "externalMeterId": null, "customerId": null, "scopes": []})
     });
     res["requestedScopes"] = req["requestedScopes"].clone();
+    if res["status"] == "VALID" {
+        if let Some(rl) = req.get("rateLimitConfig") {
+            let (id, limit) = (rl["id"].as_str().unwrap().to_owned(), rl["limit"].as_u64().unwrap());
+            let mut counts = fake.rate_counts.lock().unwrap();
+            let used = counts.entry((key.to_owned(), id)).or_default();
+            let reset_at = millis_from_now(Duration::from_secs(60));
+            if *used >= limit {
+                res["status"] = "RATE_LIMITED".into();
+                res["rateLimit"] = json!({"remaining": 0, "resetAt": reset_at});
+            } else {
+                *used += 1;
+                res["rateLimit"] = json!({"remaining": limit - *used, "resetAt": reset_at});
+            }
+        }
+    }
+    if res["status"] == "VALID" {
+        if let Some(billing) = req.get("billing") {
+            let usage: u128 = billing.get("usage").and_then(Value::as_str).map_or(0, |u| u.parse().unwrap());
+            let name = billing.get("usageName").and_then(Value::as_str).map(str::to_owned);
+            *fake.usage.lock().unwrap().entry((key.to_owned(), name)).or_default() += usage;
+        }
+    }
     if let Err(what) = check_verify_response(&res) {
         return violation(&fake, format!("the fake's own response: {what}: {res}"));
     }
@@ -260,4 +290,9 @@ pub fn check_verify_response(res: &Value) -> Result<(), String> {
     } else {
         Err("a field has the wrong type".into())
     }
+}
+
+/// Milliseconds since the epoch, `d` from now, as Oneloop writes timestamps.
+pub fn millis_from_now(d: Duration) -> u64 {
+    (std::time::SystemTime::now() + d).duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
 }

@@ -287,7 +287,11 @@ impl Verifier for Upstream {
                     .map(|r| RateLimitBody { id: &r.id, limit: r.limit }),
             };
             let result = this.client.verify(&body).await.and_then(|response| {
-                response.into_verification().map_err(|m| CallError::Down(format!("Oneloop verify: {m}")))
+                let mut verification =
+                    response.into_verification().map_err(|m| CallError::Down(format!("Oneloop verify: {m}")))?;
+                // Oneloop billed the usage and counted the rate limit it was sent.
+                verification.counted = per_request;
+                Ok(verification)
             });
             match result {
                 Ok(verification) => {
