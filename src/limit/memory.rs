@@ -162,6 +162,31 @@ impl MemoryLimiter {
 }
 
 impl MemoryLimiter {
+    /// Sets `key_id`'s windows to what another counter (Redis) last said: for each limit, what is
+    /// used and the time left in its window. The Redis limiter's fallback starts from this.
+    #[cfg(feature = "redis")]
+    pub(crate) fn mirror(&self, key_id: &str, windows: &[(RateLimit, u64, Duration)]) {
+        let now = self.now();
+        let mut shard = lock(self.shard(key_id));
+        if !shard.keys.contains_key(key_id) {
+            shard.keys.insert(key_id.into(), Vec::with_capacity(windows.len()));
+        }
+        let Some(entry) = shard.keys.get_mut(key_id) else { return };
+        for (limit, used, reset) in windows {
+            let start = (now + reset.as_nanos()).saturating_sub(limit.window().as_nanos());
+            match entry.iter_mut().find(|w| w.limit == *limit) {
+                Some(w) => (w.start, w.used) = (start, *used),
+                None => entry.push(Window { limit: limit.clone(), start, used: *used }),
+            }
+        }
+    }
+
+    /// Forgets the usage counted for `key_id` (it was handed to another counter).
+    #[cfg(feature = "redis")]
+    pub(crate) fn forget_usage(&self, key_id: &str) {
+        self.ledger.forget(key_id);
+    }
+
     fn take_usage(&self, key_id: &str, request: &LimitRequest<'_>) -> Result<(), Refusal> {
         match request.usage {
             Some(u) if !self.ledger.reserve(key_id, (u.allowed, u.reported), u.amount) => Err(Refusal::Usage),

@@ -3,8 +3,9 @@
 use super::{Denied, LimitError, LimitRequest, LimitState, LimitVerdict, Limiter, MemoryLimiter, RateLimit, Refusal};
 use crate::verify::BoxFuture;
 use redis::aio::ConnectionManager;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 /// What a [`RedisLimiter`] does when Redis does not answer within its timeout.
@@ -27,14 +28,25 @@ pub enum Fallback {
 /// script: it reads every counter, refuses without writing anything if one is spent, and otherwise
 /// takes from all of them. Windows open with `SET … PX window` and their time left is `PTTL`, so the
 /// clock is Redis's and instance clocks do not matter; idle counters expire with their window.
-/// Usage counters (`…:usage`) do not expire: they are the key's spending.
+/// Usage counters (`…:usage`) do not expire: they are the key's spending. Needs Redis 7.0 or later.
 ///
-/// **Keys.** `{prefix}:{key_id}:rl:{name}:{limit}:{window_ms}` and `{prefix}:{key_id}:usage`; the
-/// key id is the Redis Cluster hash tag, so one script's keys live on one node.
+/// **Nothing counts that was not admitted on Redis's word.** Each decision carries a request id.
+/// When Redis does not answer in time (or the connection fails) the request is decided without it,
+/// and a cancel for that id follows on the same connection: if the script ran (late, or its answer
+/// was lost) the cancel takes back exactly what it took, from the same window; if the script has not
+/// arrived yet, the cancel leaves a marker that makes it refuse. The script's record of what it took
+/// lives `reconcile_window` (default 10 s): one small key per admitted request for that long.
+///
+/// **Keys.** `{prefix}:{key_id}:rl:{name}:{limit}:{window_ms}`, `{prefix}:{key_id}:usage` and
+/// `{prefix}:{key_id}:op:{request id}`; the key id is the Redis Cluster hash tag, so one script's
+/// keys live on one node.
 ///
 /// **Redis down.** Each decision waits at most `timeout` (default 50 ms); then the [`Fallback`]
-/// decides, and [`fallbacks`](Self::fallbacks) counts it. The connection manager reconnects by
-/// itself.
+/// decides, and [`fallbacks`](Self::fallbacks) counts it. With [`Fallback::Local`] each instance
+/// keeps, from Redis's last answers, what was left of each window and of each balance, and admits
+/// its share of that (`left / instances`), then its share of each new window; when Redis answers
+/// again, what the fallback admitted is added to the shared counters. The connection manager
+/// reconnects by itself.
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -47,6 +59,7 @@ pub enum Fallback {
 ///     .build()?;
 /// # let _ = layer; Ok(()) }
 /// ```
+#[derive(Clone)]
 pub struct RedisLimiter {
     shared: Arc<Shared>,
 }
@@ -55,16 +68,40 @@ struct Shared {
     conn: ConnectionManager,
     prefix: String,
     timeout: Duration,
+    reconcile_window: Duration,
     fallback: Fallback,
+    /// The fallback's counters: mirrors of Redis's last answers, scaled to this instance's share.
     local: MemoryLimiter,
     fallbacks: AtomicU64,
+    /// This process's part of request ids, random so instances never share one.
+    instance: u64,
+    ops: AtomicU64,
+    /// What the fallback admitted, per key id, to add to Redis's counters when it answers again.
+    debts: Mutex<HashMap<Box<str>, Debt>>,
+    owes: AtomicBool,
+    paying: tokio::sync::Mutex<()>,
+    /// Whether a task is waiting for Redis to pay the debts.
+    payer: AtomicBool,
+    /// Per key id, what Redis last said the key had spent of its usage allowance.
+    spent: Mutex<HashMap<Box<str>, u128>>,
 }
 
-/// Decides a request's limits, then its usage; writes only if everything passes.
-/// ARGV: n, then (limit, window_ms, cost) per limit, then (allowed, reported, amount) if usage.
-/// Returns {1, remaining, ttl, …} or {0, kind (1 rate, 2 usage), index, wait_ms}.
-const SCRIPT: &str = r#"
+#[derive(Default)]
+struct Debt {
+    limits: Vec<(RateLimit, u64)>,
+    usage: u64,
+}
+
+/// Decides a request's limits, then its usage; writes only if everything passes, and records what
+/// it took under the request's id so a cancel can take it back.
+/// KEYS: the limits' counters, the usage hash (if usage), the op key.
+/// ARGV: n, then (limit, window_ms, cost) per limit, then (allowed, reported, amount) if usage, then
+/// the op record's lifetime in ms.
+/// Returns {1, spent or -1, remaining, ttl, …} or {0, kind (1 rate, 2 usage, 3 cancelled), index, wait_ms}.
+const DECIDE: &str = r#"
 local n = tonumber(ARGV[1])
+local op = KEYS[#KEYS]
+if redis.call('EXISTS', op) == 1 then return {0, 3, 0, 0} end
 local used, ttl = {}, {}
 for i = 1, n do
   local limit, window, cost = tonumber(ARGV[3*i-1]), tonumber(ARGV[3*i]), tonumber(ARGV[3*i+1])
@@ -75,28 +112,73 @@ for i = 1, n do
     return {0, 1, i, ttl[i]}
   end
 end
-if #KEYS > n then
+local spent, amount = -1, 0
+if #KEYS > n + 1 then
   local u = KEYS[n + 1]
-  local allowed, reported, amount = tonumber(ARGV[3*n+2]), tonumber(ARGV[3*n+3]), tonumber(ARGV[3*n+4])
+  local allowed, reported = tonumber(ARGV[3*n+2]), tonumber(ARGV[3*n+3])
+  amount = tonumber(ARGV[3*n+4])
   local seen = tonumber(redis.call('HGET', u, 'reported') or '0')
   local mine = tonumber(redis.call('HGET', u, 'local') or '0')
   if reported > seen then mine = math.max(0, mine - (reported - seen)); seen = reported end
   if seen + mine + amount > allowed then return {0, 2, 0, 0} end
   redis.call('HSET', u, 'reported', seen, 'local', mine + amount)
+  spent = seen + mine + amount
 end
-local out = {1}
+local out, took = {1, spent}, {amount}
 for i = 1, n do
   local limit, window, cost = tonumber(ARGV[3*i-1]), tonumber(ARGV[3*i]), tonumber(ARGV[3*i+1])
   if used[i] == 0 then redis.call('SET', KEYS[i], cost, 'PX', window) else redis.call('INCRBY', KEYS[i], cost) end
   out[#out + 1] = limit - used[i] - cost
   out[#out + 1] = ttl[i]
+  took[#took + 1] = cost
+  took[#took + 1] = redis.call('PEXPIRETIME', KEYS[i])
 end
+redis.call('SET', op, table.concat(took, ','), 'PX', ARGV[#ARGV])
 return out
 "#;
 
-fn script() -> &'static redis::Script {
-    static SCRIPT_: OnceLock<redis::Script> = OnceLock::new();
-    SCRIPT_.get_or_init(|| redis::Script::new(SCRIPT))
+/// Takes back what DECIDE took for a request id, from the windows it took it from, or marks the id
+/// so a DECIDE still on its way refuses. Same KEYS as DECIDE; ARGV: the op marker's lifetime in ms.
+const CANCEL: &str = r#"
+local op = KEYS[#KEYS]
+local record = redis.call('GET', op)
+redis.call('SET', op, 'x', 'PX', ARGV[1])
+if (not record) or record == 'x' then return 0 end
+local took = {}
+for v in string.gmatch(record, '[^,]+') do took[#took + 1] = tonumber(v) end
+local amount = took[1]
+local n = (#took - 1) / 2
+for i = 1, n do
+  local cost, expires = took[2*i], took[2*i+1]
+  if redis.call('PEXPIRETIME', KEYS[i]) == expires then
+    local left = tonumber(redis.call('GET', KEYS[i]) or '0') - cost
+    if left < 0 then left = 0 end
+    redis.call('SET', KEYS[i], left, 'KEEPTTL')
+  end
+end
+if amount > 0 and #KEYS > n + 1 then
+  local mine = tonumber(redis.call('HGET', KEYS[n + 1], 'local') or '0') - amount
+  if mine < 0 then mine = 0 end
+  redis.call('HSET', KEYS[n + 1], 'local', mine)
+end
+return 1
+"#;
+
+/// Adds what the fallback admitted to the shared counters: to each window still open, and to the
+/// usage balance. KEYS: the limits' counters, the usage hash. ARGV: n, the costs, the usage amount.
+const RECONCILE: &str = r#"
+local n = tonumber(ARGV[1])
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('INCRBY', KEYS[i], tonumber(ARGV[i + 1])) end
+end
+local amount = tonumber(ARGV[n + 2])
+if amount > 0 then redis.call('HINCRBY', KEYS[n + 1], 'local', amount) end
+return 1
+"#;
+
+fn script(which: usize) -> &'static redis::Script {
+    static SCRIPTS: [OnceLock<redis::Script>; 3] = [const { OnceLock::new() }; 3];
+    SCRIPTS[which].get_or_init(|| redis::Script::new([DECIDE, CANCEL, RECONCILE][which]))
 }
 
 /// Lua numbers are doubles: amounts above 2^53 are clamped, not wrapped.
@@ -107,26 +189,53 @@ fn lua_number(n: u128) -> u64 {
 impl RedisLimiter {
     /// A limiter on `conn`, with its keys under `prefix`.
     pub fn new(conn: ConnectionManager, prefix: &str) -> Self {
+        let mut seed = [0u8; 8];
+        // Without entropy, the clock still separates instances started apart.
+        let instance = getrandom::fill(&mut seed).map_or_else(
+            |_| {
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64
+            },
+            |()| u64::from_le_bytes(seed),
+        );
         let shared = Shared {
             conn,
             prefix: prefix.to_owned(),
             timeout: Duration::from_millis(50),
+            reconcile_window: Duration::from_secs(10),
             fallback: Fallback::FailClosed,
             local: MemoryLimiter::new(),
             fallbacks: AtomicU64::new(0),
+            instance,
+            ops: AtomicU64::new(0),
+            debts: Mutex::default(),
+            owes: AtomicBool::new(false),
+            paying: tokio::sync::Mutex::new(()),
+            payer: AtomicBool::new(false),
+            spent: Mutex::default(),
         };
         Self { shared: Arc::new(shared) }
     }
 
     /// How long a decision may wait for Redis (default 50 ms).
+    #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.shared_mut().timeout = timeout;
         self
     }
 
     /// What to do when Redis does not answer (default [`Fallback::FailClosed`]).
+    #[must_use]
     pub fn fallback(mut self, fallback: Fallback) -> Self {
         self.shared_mut().fallback = fallback;
+        self
+    }
+
+    /// How long Redis keeps the record of what an admitted request took, so that a request this
+    /// instance gave up on can be taken back (default 10 s, at least 1 s). Longer covers longer
+    /// connection losses, at the cost of one small key per admitted request for that long.
+    #[must_use]
+    pub fn reconcile_window(mut self, window: Duration) -> Self {
+        self.shared_mut().reconcile_window = window.clamp(Duration::from_secs(1), Duration::from_secs(24 * 3600));
         self
     }
 
@@ -141,26 +250,31 @@ impl RedisLimiter {
 }
 
 impl Shared {
-    fn keys(&self, key_id: &str, request: &LimitRequest<'_>) -> Vec<String> {
-        let mut keys: Vec<String> = request
-            .limits
-            .iter()
-            .map(|(l, _)| {
-                format!("{}:{{{key_id}}}:rl:{}:{}:{}", self.prefix, l.name(), l.limit(), l.window().as_millis())
-            })
-            .collect();
+    fn counter(&self, key_id: &str, l: &RateLimit) -> String {
+        format!("{}:{{{key_id}}}:rl:{}:{}:{}", self.prefix, l.name(), l.limit(), l.window().as_millis())
+    }
+
+    fn usage_key(&self, key_id: &str) -> String {
+        format!("{}:{{{key_id}}}:usage", self.prefix)
+    }
+
+    /// The keys of DECIDE and CANCEL, all in the key id's hash slot.
+    fn keys(&self, key_id: &str, request: &LimitRequest<'_>, op: u64) -> Vec<String> {
+        let mut keys: Vec<String> = request.limits.iter().map(|(l, _)| self.counter(key_id, l)).collect();
         if request.usage.is_some() {
-            keys.push(format!("{}:{{{key_id}}}:usage", self.prefix));
+            keys.push(self.usage_key(key_id));
         }
+        keys.push(format!("{}:{{{key_id}}}:op:{:x}.{op:x}", self.prefix, self.instance));
         keys
     }
 
-    async fn decide(&self, key_id: &str, asked: &LimitRequest<'_>) -> redis::RedisResult<LimitVerdict> {
-        // A limit listed twice is one limit (one key): the script would count it twice.
-        let limits = super::distinct(asked.limits);
-        let request = &LimitRequest { limits: &limits, usage: asked.usage };
-        let mut invocation = script().prepare_invoke();
-        for key in self.keys(key_id, request) {
+    fn ttl_ms(&self) -> u64 {
+        self.reconcile_window.as_millis() as u64
+    }
+
+    async fn decide(&self, key_id: &str, request: &LimitRequest<'_>, op: u64) -> redis::RedisResult<LimitVerdict> {
+        let mut invocation = script(0).prepare_invoke();
+        for key in self.keys(key_id, request, op) {
             invocation.key(key);
         }
         invocation.arg(request.limits.len());
@@ -170,11 +284,12 @@ impl Shared {
         if let Some(u) = request.usage {
             invocation.arg(lua_number(u.allowed)).arg(lua_number(u.reported)).arg(u.amount);
         }
+        invocation.arg(self.ttl_ms());
         let reply: Vec<i64> = invocation.invoke_async(&mut self.conn.clone()).await?;
         let ms = |v: i64| Duration::from_millis(v.max(0) as u64);
         Ok(match reply.as_slice() {
-            [1, rest @ ..] => {
-                let states = request
+            [1, spent, rest @ ..] => {
+                let states: Vec<LimitState> = request
                     .limits
                     .iter()
                     .zip(rest.chunks_exact(2))
@@ -184,7 +299,8 @@ impl Shared {
                         reset: ms(r[1]),
                     })
                     .collect();
-                Ok(super::per_entry(asked.limits, &limits, states))
+                self.remember(key_id, &states, u128::try_from(*spent).ok());
+                Ok(states)
             }
             [0, 1, i, wait] => {
                 let limit = request.limits[(*i as usize).saturating_sub(1)].0.clone();
@@ -195,47 +311,205 @@ impl Shared {
         })
     }
 
-    /// The fallback's decision, counted.
-    fn fall_back(&self, key_id: &str, request: &LimitRequest<'_>, why: String) -> Result<LimitVerdict, LimitError> {
-        self.fallbacks.fetch_add(1, Ordering::Relaxed);
-        match self.fallback {
-            Fallback::FailClosed => Err(LimitError(why)),
-            Fallback::Local { instances } => {
-                tracing::warn!(%why, "keygate: Redis unavailable; deciding with local limits");
-                let n = u64::from(instances.max(1));
-                let limits: Vec<(RateLimit, u64)> = request
-                    .limits
-                    .iter()
-                    .map(|(l, cost)| {
-                        (RateLimit::new(l.name(), (l.limit() / n).max(1), l.window()).unwrap_or(l.clone()), *cost)
-                    })
-                    .collect();
-                let usage = request.usage.map(|mut u| {
-                    u.allowed = u.reported + u.allowed.saturating_sub(u.reported) / u128::from(n);
-                    u
-                });
-                Ok(self.local.check_now(key_id, &LimitRequest { limits: &limits, usage }).expect("memory decides now"))
+    /// Takes back whatever the decision `op` took, or stops it from taking anything. Retried until
+    /// Redis answers or the reconcile window has passed (the record is gone by then).
+    async fn cancel(self: Arc<Self>, key_id: String, limits: Vec<(RateLimit, u64)>, usage: bool, op: u64) {
+        let request = LimitRequest {
+            limits: &limits,
+            usage: usage.then_some(super::UsageCharge { allowed: 0, reported: 0, amount: 0 }),
+        };
+        let keys = self.keys(&key_id, &request, op);
+        let give_up = tokio::time::Instant::now() + self.reconcile_window;
+        let mut wait = Duration::from_millis(20);
+        loop {
+            let mut invocation = script(1).prepare_invoke();
+            for key in &keys {
+                invocation.key(key);
+            }
+            invocation.arg(self.ttl_ms());
+            let done: redis::RedisResult<i64> = invocation.invoke_async(&mut self.conn.clone()).await;
+            match done {
+                Ok(_) => return,
+                Err(error) if tokio::time::Instant::now() + wait >= give_up => {
+                    tracing::error!(%error, key_id, "keygate: could not cancel a decision Redis may have counted");
+                    return;
+                }
+                Err(_) => {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(1));
+                }
             }
         }
     }
+
+    /// With a local fallback, mirrors Redis's answer into this instance's share of each limit and
+    /// balance, so the fallback starts from what Redis said was left.
+    fn remember(&self, key_id: &str, states: &[LimitState], spent: Option<u128>) {
+        let Fallback::Local { instances } = self.fallback else { return };
+        let n = u64::from(instances.max(1));
+        let shares: Vec<(RateLimit, u64, Duration)> = states
+            .iter()
+            .map(|s| {
+                let share = share(&s.limit, n);
+                let left = (s.remaining / n).min(share.limit());
+                (share.clone(), share.limit() - left, s.reset)
+            })
+            .collect();
+        self.local.mirror(key_id, &shares);
+        if let Some(spent) = spent {
+            self.spent.lock().unwrap_or_else(PoisonError::into_inner).insert(key_id.into(), spent);
+        }
+    }
+
+    /// The fallback's decision, counted; what it admits is owed to the shared counters.
+    fn fall_back(&self, key_id: &str, request: &LimitRequest<'_>, why: String) -> Result<LimitVerdict, LimitError> {
+        self.fallbacks.fetch_add(1, Ordering::Relaxed);
+        let Fallback::Local { instances } = self.fallback else { return Err(LimitError(why)) };
+        tracing::debug!(%why, "keygate: Redis unavailable; deciding with local limits");
+        let n = u64::from(instances.max(1));
+        let limits: Vec<(RateLimit, u64)> = request.limits.iter().map(|(l, cost)| (share(l, n), *cost)).collect();
+        let usage = request.usage.map(|mut u| {
+            let spent = self.spent.lock().unwrap_or_else(PoisonError::into_inner).get(key_id).copied();
+            let spent = spent.unwrap_or(0).max(u.reported);
+            // This instance's share of what was left, counted from zero by the local ledger.
+            u.allowed = u.allowed.saturating_sub(spent) / u128::from(n);
+            u.reported = 0;
+            u
+        });
+        let verdict =
+            self.local.check_now(key_id, &LimitRequest { limits: &limits, usage }).expect("memory decides now");
+        if verdict.is_ok() {
+            let mut debts = self.debts.lock().unwrap_or_else(PoisonError::into_inner);
+            let debt = debts.entry(key_id.into()).or_default();
+            for (limit, cost) in request.limits {
+                match debt.limits.iter_mut().find(|(l, _)| l == limit) {
+                    Some((_, owed)) => *owed = owed.saturating_add(*cost),
+                    None => debt.limits.push((limit.clone(), *cost)),
+                }
+            }
+            debt.usage = debt.usage.saturating_add(request.usage.map_or(0, |u| u.amount));
+            self.owes.store(true, Ordering::Release);
+        }
+        Ok(verdict)
+    }
+
+    /// Pays the debts as soon as Redis answers again, whether or not this instance gets requests:
+    /// other instances' decisions must see what this one admitted.
+    async fn pay_when_back(self: Arc<Self>) {
+        let mut wait = Duration::from_millis(50);
+        loop {
+            while self.owes.load(Ordering::Acquire) {
+                tokio::time::sleep(wait).await;
+                let paid = tokio::time::timeout(self.timeout.max(Duration::from_millis(200)), self.pay_debts()).await;
+                if !matches!(paid, Ok(Ok(()))) {
+                    wait = (wait * 2).min(Duration::from_secs(1));
+                }
+            }
+            self.payer.store(false, Ordering::Release);
+            // A debt added just as this task stopped started no payer of its own: look once more.
+            if !self.owes.load(Ordering::Acquire) || self.payer.swap(true, Ordering::AcqRel) {
+                return;
+            }
+        }
+    }
+
+    /// Adds what the fallback admitted to Redis's counters. A debt leaves the books only once Redis
+    /// has taken it, so a payment cut off by the timeout is paid again later (it may then count
+    /// twice: the safe side for a limit). One payer at a time; the others do not wait for it.
+    async fn pay_debts(&self) -> redis::RedisResult<()> {
+        if !self.owes.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let Ok(_paying) = self.paying.try_lock() else { return Ok(()) };
+        let owed: Vec<(Box<str>, Debt)> = {
+            let debts = self.debts.lock().unwrap_or_else(PoisonError::into_inner);
+            debts.iter().map(|(id, d)| (id.clone(), Debt { limits: d.limits.clone(), usage: d.usage })).collect()
+        };
+        for (key_id, Debt { limits, usage }) in owed {
+            let mut invocation = script(2).prepare_invoke();
+            for (limit, _) in &limits {
+                invocation.key(self.counter(&key_id, limit));
+            }
+            invocation.key(self.usage_key(&key_id));
+            invocation.arg(limits.len());
+            for (_, cost) in &limits {
+                invocation.arg(*cost);
+            }
+            invocation.arg(usage);
+            invocation.invoke_async::<i64>(&mut self.conn.clone()).await?;
+            // Paid: off the books, less anything the fallback admitted meanwhile.
+            let mut debts = self.debts.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(debt) = debts.get_mut(&key_id) {
+                for (limit, paid) in &limits {
+                    if let Some((_, c)) = debt.limits.iter_mut().find(|(l, _)| l == limit) {
+                        *c = c.saturating_sub(*paid);
+                    }
+                }
+                debt.limits.retain(|(_, c)| *c > 0);
+                debt.usage = debt.usage.saturating_sub(usage);
+                if debt.limits.is_empty() && debt.usage == 0 {
+                    debts.remove(&key_id);
+                }
+            }
+            // Redis counts the fallback's usage now: the local share starts again from its word.
+            self.local.forget_usage(&key_id);
+        }
+        let mut debts = self.debts.lock().unwrap_or_else(PoisonError::into_inner);
+        if debts.is_empty() {
+            self.owes.store(false, Ordering::Release);
+        }
+        debts.shrink_to_fit();
+        Ok(())
+    }
+}
+
+/// One instance's share of a limit.
+fn share(limit: &RateLimit, instances: u64) -> RateLimit {
+    if instances <= 1 {
+        return limit.clone();
+    }
+    RateLimit::new(limit.name(), (limit.limit() / instances).max(1), limit.window()).unwrap_or_else(|_| limit.clone())
 }
 
 impl Limiter for RedisLimiter {
     fn check(&self, key_id: &str, request: &LimitRequest<'_>) -> BoxFuture<'static, Result<LimitVerdict, LimitError>> {
         let shared = self.shared.clone();
-        let (key_id, limits, usage) = (key_id.to_owned(), request.limits.to_vec(), request.usage);
+        // A limit listed twice is one limit (one key): the script would count it twice.
+        let limits = super::distinct(request.limits);
+        let asked = (limits.len() != request.limits.len()).then(|| request.limits.to_vec());
+        let (key_id, limits, usage) = (key_id.to_owned(), limits.into_owned(), request.usage);
+        let op = shared.ops.fetch_add(1, Ordering::Relaxed);
         Box::pin(async move {
             let request = LimitRequest { limits: &limits, usage };
-            match tokio::time::timeout(shared.timeout, shared.decide(&key_id, &request)).await {
-                Ok(Ok(verdict)) => Ok(verdict),
-                Ok(Err(error)) => shared.fall_back(&key_id, &request, format!("Redis: {error}")),
-                Err(_) => shared.fall_back(&key_id, &request, format!("Redis did not answer in {:?}", shared.timeout)),
+            // What a fallback admitted is added to the shared counters before Redis decides again.
+            let decided = async {
+                shared.pay_debts().await?;
+                shared.decide(&key_id, &request, op).await
+            };
+            let why = match tokio::time::timeout(shared.timeout, decided).await {
+                Ok(Ok(verdict)) => {
+                    return Ok(verdict.map(|states| match &asked {
+                        Some(asked) => super::per_entry(asked, &limits, states),
+                        None => states,
+                    }))
+                }
+                Ok(Err(error)) => format!("Redis: {error}"),
+                Err(_) => format!("Redis did not answer in {:?}", shared.timeout),
+            };
+            // The script may run late, or may have run and lost its answer: take it back.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(shared.clone().cancel(key_id.clone(), limits.clone(), usage.is_some(), op));
             }
+            let verdict = shared.fall_back(&key_id, &request, why);
+            if shared.owes.load(Ordering::Acquire) && !shared.payer.swap(true, Ordering::AcqRel) {
+                tokio::spawn(shared.clone().pay_when_back());
+            }
+            verdict
         })
     }
 
     fn charge(&self, key_id: &str, amount: u64) {
-        let (shared, key) = (self.shared.clone(), format!("{}:{{{key_id}}}:usage", self.shared.prefix));
+        let (shared, key) = (self.shared.clone(), self.shared.usage_key(key_id));
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         runtime.spawn(async move {
             let mut conn = shared.conn.clone();

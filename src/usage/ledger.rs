@@ -46,6 +46,12 @@ impl Ledger {
         keys.entry(key_id.into()).or_default().local += amount as u128;
     }
 
+    /// Drops `key_id`'s count.
+    #[cfg(feature = "redis")]
+    pub(crate) fn forget(&self, key_id: &str) {
+        self.keys.lock().unwrap_or_else(PoisonError::into_inner).remove(key_id);
+    }
+
     /// Usage counted locally for `key_id`.
     #[cfg(test)]
     pub(crate) fn local(&self, key_id: &str) -> u128 {

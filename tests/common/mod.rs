@@ -3,6 +3,8 @@
 
 #[cfg(feature = "oneloop")]
 pub mod oneloop;
+#[cfg(feature = "redis")]
+pub mod own_redis;
 #[cfg(feature = "oneloop")]
 pub mod usage_server;
 
