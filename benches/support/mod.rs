@@ -123,7 +123,7 @@ pub fn oneloop(addr: SocketAddr) -> OneloopVerifier {
 }
 
 fn limited(builder: keygate::ApiKeyLayerBuilder) -> keygate::ApiKeyLayerBuilder {
-    builder.rate_limit(RateLimit::new("default", u64::MAX / 2, std::time::Duration::from_secs(3600)).unwrap())
+    builder.rate_limit(RateLimit::new("default", RateLimit::MAX_LIMIT, std::time::Duration::from_secs(3600)).unwrap())
 }
 
 /// Every variant, by name, with the same router and handler.
