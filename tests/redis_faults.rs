@@ -99,6 +99,36 @@ async fn a_frozen_redis_charges_nothing_for_requests_refused_with_503() {
     assert_eq!(passes(&usage_only, "/spend", &key, 10).await, 5, "nor from the usage balance (10 - 2 - 3)");
 }
 
+/// Two instances spend `before` each through Redis (alternating, so each has a fresh answer), then
+/// Redis freezes and each gets `during` requests at once; then Redis thaws and each gets 10 more.
+/// Returns the 200s during the outage and after it.
+async fn outage(
+    own: &OwnRedis,
+    apps: [&Router; 2],
+    path: &str,
+    key: &str,
+    before: usize,
+    during: usize,
+) -> (usize, usize) {
+    for _ in 0..before {
+        for app in apps {
+            assert_eq!(call(app, path, key).await, StatusCode::OK);
+        }
+    }
+    own.freeze();
+    let mut admitted = 0;
+    for app in apps {
+        admitted += burst(app, path, key, during).await.get(&200).copied().unwrap_or(0);
+    }
+    own.thaw();
+    tokio::time::sleep(Duration::from_millis(500)).await; // queued decisions, cancels and payments run
+    let mut after = 0;
+    for app in apps {
+        after += passes(app, path, key, 10).await;
+    }
+    (admitted, after)
+}
+
 /// Two instances with a local fallback. Redis said 40 of 60 were left when it froze: together the
 /// fallbacks admit those 40 (20 each, their share), not 60 more; when Redis thaws, what they
 /// admitted is added to its counters once, so the window stays spent.
@@ -114,19 +144,8 @@ async fn the_fallback_admits_its_share_of_what_was_left_and_redis_learns_of_it()
     let fallback = Fallback::Local { instances: 2 };
     let a = instance(&own.url(), &verifier, fallback, Some(limit.clone())).await;
     let b = instance(&own.url(), &verifier, fallback, Some(limit)).await;
-    for _ in 0..10 {
-        assert_eq!(call(&a, "/x", &key).await, StatusCode::OK);
-        assert_eq!(call(&b, "/x", &key).await, StatusCode::OK);
-    }
-
-    own.freeze();
-    let (from_a, from_b) = (burst(&a, "/x", &key, 30).await, burst(&b, "/x", &key, 30).await);
-    let admitted = from_a.get(&200).unwrap_or(&0) + from_b.get(&200).unwrap_or(&0);
-    assert_eq!(admitted, 40, "a: {from_a:?}, b: {from_b:?}");
-    own.thaw();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-
-    let after = passes(&a, "/x", &key, 10).await + passes(&b, "/x", &key, 10).await;
+    let (admitted, after) = outage(&own, [&a, &b], "/x", &key, 10, 30).await;
+    assert_eq!(admitted, 40, "the two shares of the 40 left");
     assert_eq!(after, 0, "60 were admitted in this window: 20 by Redis, 40 by the fallbacks");
 }
 
@@ -144,17 +163,7 @@ async fn a_balance_spent_during_an_outage_is_spent_once() {
     let fallback = Fallback::Local { instances: 2 };
     let a = instance(&own.url(), &verifier, fallback, None).await;
     let b = instance(&own.url(), &verifier, fallback, None).await;
-    for _ in 0..20 {
-        assert_eq!(call(&a, "/spend", &key).await, StatusCode::OK);
-        assert_eq!(call(&b, "/spend", &key).await, StatusCode::OK);
-    }
-
-    own.freeze();
-    let (from_a, from_b) = (burst(&a, "/spend", &key, 40).await, burst(&b, "/spend", &key, 40).await);
-    let spent = from_a.get(&200).unwrap_or(&0) + from_b.get(&200).unwrap_or(&0);
-    assert_eq!(spent, 60, "a: {from_a:?}, b: {from_b:?}");
-    own.thaw();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = passes(&a, "/spend", &key, 10).await + passes(&b, "/spend", &key, 10).await;
+    let (spent, after) = outage(&own, [&a, &b], "/spend", &key, 20, 40).await;
+    assert_eq!(spent, 60, "the two shares of the 60 credits left");
     assert_eq!(after, 0, "100 credits, spent exactly once");
 }
