@@ -357,7 +357,11 @@ impl Shared {
             .collect();
         self.local.mirror(key_id, &shares);
         if let Some(spent) = spent {
-            self.spent.lock().unwrap_or_else(PoisonError::into_inner).insert(key_id.into(), spent);
+            let mut known = self.spent.lock().unwrap_or_else(PoisonError::into_inner);
+            match known.get_mut(key_id) {
+                Some(known) => *known = spent,
+                None => drop(known.insert(key_id.into(), spent)),
+            }
         }
     }
 

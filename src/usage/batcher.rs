@@ -172,7 +172,7 @@ pub struct UsageBatcher {
 struct Shared {
     oneloop: OneloopVerifier,
     config: BatchConfig,
-    ledger: Mutex<Ledger>,
+    accounts: Mutex<Accounts>,
     wake: Notify,
     /// The background task, started with the first usage recorded.
     task: OnceLock<AbortHandle>,
@@ -184,7 +184,7 @@ struct Shared {
 /// The buffer, the sends in flight and the report, under one lock so every unit is in exactly one
 /// place at any time.
 #[derive(Default)]
-struct Ledger {
+struct Accounts {
     buffer: HashMap<Pair, u64>,
     /// Sends under way, by send number: whoever removes one (its send settling, or shutdown giving
     /// up on it) accounts for its units.
@@ -197,7 +197,7 @@ struct Ledger {
     degraded: bool,
 }
 
-impl Ledger {
+impl Accounts {
     fn unsent(&self) -> u64 {
         self.buffer.values().chain(self.in_flight.values()).fold(0u64, |sum, n| sum.saturating_add(*n))
     }
@@ -215,7 +215,7 @@ impl UsageBatcher {
         let shared = Shared {
             oneloop,
             config,
-            ledger: Mutex::default(),
+            accounts: Mutex::default(),
             wake: Notify::new(),
             task: OnceLock::new(),
             closed: AtomicBool::new(false),
@@ -241,8 +241,8 @@ impl UsageBatcher {
 
     /// Where every unit recorded so far is now.
     pub fn report(&self) -> UsageReport {
-        let ledger = self.shared.lock();
-        UsageReport { unsent: ledger.unsent(), ..ledger.report }
+        let books = self.shared.lock();
+        UsageReport { unsent: books.unsent(), ..books.report }
     }
 
     /// Sends what is buffered, retrying what was not delivered until it is all sent or `deadline`
@@ -268,11 +268,11 @@ impl UsageBatcher {
             task.abort();
         }
         let report = {
-            let mut ledger = self.shared.lock();
+            let mut books = self.shared.lock();
             // Sends cut off mid-flight may have reached Oneloop: uncertain, never re-sent.
-            let cut: u64 = ledger.in_flight.drain().map(|(_, n)| n).fold(0u64, u64::saturating_add);
-            ledger.report.uncertain = ledger.report.uncertain.saturating_add(cut);
-            UsageReport { unsent: ledger.unsent(), ..ledger.report }
+            let cut: u64 = books.in_flight.drain().map(|(_, n)| n).fold(0u64, u64::saturating_add);
+            books.report.uncertain = books.report.uncertain.saturating_add(cut);
+            UsageReport { unsent: books.unsent(), ..books.report }
         };
         if report.unsent > 0 || report.uncertain > 0 {
             tracing::error!(
@@ -294,29 +294,29 @@ impl UsageBatcher {
 }
 
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Ledger> {
-        self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, Accounts> {
+        self.accounts.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Counts new usage and buffers it; usage that finds the buffer full is dropped and counted.
     fn add(&self, pair: Pair, amount: u64) {
-        let mut ledger = self.lock();
-        ledger.report.recorded = ledger.report.recorded.saturating_add(amount);
-        if let Some(sum) = ledger.buffer.get_mut(&pair) {
+        let mut books = self.lock();
+        books.report.recorded = books.report.recorded.saturating_add(amount);
+        if let Some(sum) = books.buffer.get_mut(&pair) {
             *sum = sum.saturating_add(amount);
             return;
         }
-        if ledger.buffer.len() >= self.config.max_buffered {
-            let first = ledger.report.dropped == 0;
-            ledger.report.dropped = ledger.report.dropped.saturating_add(amount);
-            drop(ledger);
+        if books.buffer.len() >= self.config.max_buffered {
+            let first = books.report.dropped == 0;
+            books.report.dropped = books.report.dropped.saturating_add(amount);
+            drop(books);
             if first {
                 tracing::error!(max = self.config.max_buffered, "keygate: usage buffer full; usage is being dropped");
             }
             return;
         }
-        ledger.buffer.insert(pair, amount);
-        if ledger.buffer.len() >= self.config.batch_size {
+        books.buffer.insert(pair, amount);
+        if books.buffer.len() >= self.config.batch_size {
             self.wake.notify_one();
         }
     }
@@ -336,14 +336,14 @@ impl Shared {
     async fn flush(self: &Arc<Self>) -> bool {
         let _flushing = self.flushing.lock().await;
         let batch: Vec<(u64, Pair, u64)> = {
-            let mut ledger = self.lock();
-            let taken = std::mem::take(&mut ledger.buffer);
+            let mut books = self.lock();
+            let taken = std::mem::take(&mut books.buffer);
             taken
                 .into_iter()
                 .map(|(pair, amount)| {
-                    let id = ledger.next_send;
-                    ledger.next_send += 1;
-                    ledger.in_flight.insert(id, amount);
+                    let id = books.next_send;
+                    books.next_send += 1;
+                    books.in_flight.insert(id, amount);
                     (id, pair, amount)
                 })
                 .collect()
@@ -369,28 +369,28 @@ impl Shared {
     /// Accounts for one finished send. `true` if it was not delivered.
     fn settle(&self, done: Option<Result<(u64, Delivery, Pair), tokio::task::JoinError>>) -> bool {
         let Some(Ok((id, delivery, pair))) = done else { return false };
-        let mut ledger = self.lock();
+        let mut books = self.lock();
         // Gone: shutdown gave up on this send and counted it as uncertain already.
-        let Some(amount) = ledger.in_flight.remove(&id) else { return false };
-        let report = &mut ledger.report;
+        let Some(amount) = books.in_flight.remove(&id) else { return false };
+        let report = &mut books.report;
         match delivery {
             Delivery::Acknowledged => {
                 report.acknowledged = report.acknowledged.saturating_add(amount);
-                if std::mem::take(&mut ledger.degraded) {
+                if std::mem::take(&mut books.degraded) {
                     tracing::info!("keygate: Oneloop record-usage is answering again");
                 }
                 false
             }
             Delivery::NotDelivered(error) => {
-                ledger.requeue(pair, amount);
-                if !std::mem::replace(&mut ledger.degraded, true) {
+                books.requeue(pair, amount);
+                if !std::mem::replace(&mut books.degraded, true) {
                     tracing::warn!(%error, "keygate: record-usage not delivered; retrying with backoff");
                 }
                 true
             }
             Delivery::Rejected(status, error) => {
                 report.rejected = report.rejected.saturating_add(amount);
-                if ledger.rejected_logged.insert(status) {
+                if books.rejected_logged.insert(status) {
                     tracing::error!(%error, "keygate: Oneloop rejected usage; it is not sent again (logged once per status)");
                 }
                 false
@@ -401,7 +401,7 @@ impl Shared {
                     DeliveryPolicy::AtMostOnce => report.uncertain = report.uncertain.saturating_add(amount),
                     DeliveryPolicy::AtLeastOnce => {
                         report.resent = report.resent.saturating_add(amount);
-                        ledger.requeue(pair, amount);
+                        books.requeue(pair, amount);
                     }
                 }
                 if first {
