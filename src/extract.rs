@@ -2,7 +2,8 @@
 //!
 //! Rules, applied before any cache or verifier is asked:
 //! - at most one key per request: two `Authorization` headers, two key headers, a key header whose
-//!   value holds a comma (a folded duplicate), or keys in two sources at once are a `400`;
+//!   value holds a comma (a folded duplicate), an `Authorization` folded with a `Bearer` in any of its
+//!   parts, or keys in two sources at once are a `400`;
 //! - a key is 1 to `max_key_len` bytes of visible ASCII (`!` to `~`); surrounding spaces are trimmed
 //!   and never part of the key; anything else is a malformed key (`401 invalid_token`);
 //! - `Authorization` counts only with the `Bearer` scheme (case-insensitive); another scheme, such as
@@ -111,6 +112,11 @@ fn find_in<'a>(source: &KeySource, headers: &'a HeaderMap, uri: &'a Uri) -> Resu
     match source {
         KeySource::Bearer => {
             let Some(value) = single_header(headers, &AUTHORIZATION)? else { return Ok(None) };
+            // No bearer token holds a comma (RFC 6750 b64token): a comma is a folded second value,
+            // and one with a Bearer in it is a second key.
+            if value.contains(&b',') && value.split(|b| *b == b',').any(|part| bearer_token(part).is_some()) {
+                return Err(Rejection::AmbiguousKey);
+            }
             Ok(bearer_token(value).map(|t| Cow::Borrowed(as_text(t))))
         }
         KeySource::Header(name) => {

@@ -338,8 +338,13 @@ fn retry_after(verification: &Verification) -> Duration {
     reset.unwrap_or(Duration::from_secs(1))
 }
 
+/// A CORS preflight: `OPTIONS` with `Origin` and `Access-Control-Request-Method` (browsers send
+/// both; without an `Origin` it is a plain `OPTIONS` that needs a key).
 fn is_preflight<B>(req: &Request<B>) -> bool {
-    req.method() == Method::OPTIONS && req.headers().contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD)
+    let headers = req.headers();
+    req.method() == Method::OPTIONS
+        && headers.contains_key(http::header::ORIGIN)
+        && headers.contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD)
 }
 
 #[cfg(feature = "axum")]

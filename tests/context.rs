@@ -113,8 +113,11 @@ async fn preflights_pass_only_when_enabled() {
         )
         .await;
         assert_eq!(r.status.as_u16(), expected, "allow_preflight({allow})");
-        // A plain OPTIONS is not a preflight.
+        // A plain OPTIONS is not a preflight, and neither is one without an Origin: browsers always
+        // send one with a preflight.
         assert_eq!(request(addr, "OPTIONS", "/x", &[]).await.status, 401);
+        let no_origin = request(addr, "OPTIONS", "/x", &[("access-control-request-method", b"GET")]).await;
+        assert_eq!(no_origin.status, 401, "allow_preflight({allow}): no Origin, no preflight");
     }
 }
 

@@ -85,6 +85,18 @@ async fn bad_keys_are_refused_before_the_verifier() {
         ),
         ("folded x-api-key", vec![("x-api-key", format!("{key}, {key}").into_bytes())], 400, "ambiguous-key"),
         (
+            "folded authorization",
+            vec![("authorization", format!("{bearer}, {bearer}").into_bytes())],
+            400,
+            "ambiguous-key",
+        ),
+        (
+            "folded, bearer second",
+            vec![("authorization", format!("Basic abc, {bearer}").into_bytes())],
+            400,
+            "ambiguous-key",
+        ),
+        (
             "two sources",
             vec![("authorization", bearer.clone().into_bytes()), ("x-api-key", key.clone().into_bytes())],
             400,
