@@ -12,7 +12,12 @@ use http_body_util::Full;
 use keygate::{ApiKeyLayer, KeyFacts, LocalVerifier, ScopeMap};
 use std::convert::Infallible;
 
-const SPELLINGS: [&str; 9] = [
+const SPELLINGS: [&str; 14] = [
+    "/admin;x",
+    "/items/..;/admin",
+    "/public/..;/admin",
+    "/items;x/..;/admin",
+    "/admin%3b",
     "/admin/",
     "//admin",
     "/ADMIN",
@@ -56,11 +61,12 @@ async fn behind_axum() {
     }
 }
 
-/// What a careless server might do: decode escapes, resolve `..`, fold case and slashes.
+/// What a careless server might do: strip `;` parameters, decode escapes, resolve `..`, fold case
+/// and slashes.
 fn lenient_route(raw: &str) -> String {
     let decoded = percent_encoding::percent_decode_str(raw).decode_utf8_lossy().to_lowercase();
     let mut out: Vec<&str> = Vec::new();
-    for seg in decoded.split('/') {
+    for seg in decoded.split('/').map(|s| s.split_once(';').map_or(s, |(before, _)| before)) {
         match seg {
             "" | "." => {}
             ".." => {
@@ -90,5 +96,24 @@ async fn behind_a_lenient_hyper_service() {
         // The admin key gets the same answer as on the plain path, or a 400 for an ambiguous one.
         let r = fetch(addr, path, &[("x-api-key", admin.as_bytes())]).await;
         assert!(r.status == 400 || r.body == "ADMIN DATA", "{path}: {} {}", r.status, r.body);
+    }
+}
+
+/// With matrix parameters allowed, keygate reads each segment without its `;…` as the lenient
+/// server does: the admin key reaches `/admin;v=1`, a weak key reaches nothing of admin's.
+#[tokio::test]
+async fn matrix_parameters_when_allowed_read_as_the_server_reads_them() {
+    let verifier = LocalVerifier::in_memory();
+    let (weak, admin) = keys(&verifier).await;
+    let layer = ApiKeyLayer::builder(verifier).routes(routes().matrix_parameters(true)).build().unwrap();
+    let inner = tower::service_fn(|req: Request<hyper::body::Incoming>| async move {
+        let body = if lenient_route(req.uri().path()) == "/admin" { "ADMIN DATA" } else { "other" };
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+    });
+    let addr = serve_hyper(tower::ServiceBuilder::new().layer(layer).service(inner)).await;
+    assert_eq!(fetch(addr, "/admin;v=1", &[("x-api-key", admin.as_bytes())]).await.body, "ADMIN DATA");
+    for path in SPELLINGS.iter().chain(&["/items;v=2/..;/admin", "/Admin;x=1/"]) {
+        let r = fetch(addr, path, &[("x-api-key", weak.as_bytes())]).await;
+        assert_ne!(r.body, "ADMIN DATA", "{path} leaked admin data to a weak key");
     }
 }

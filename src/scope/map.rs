@@ -119,6 +119,7 @@ pub struct ScopeMap {
     routes: Vec<Arc<RouteEntry>>,
     unmapped_entry: Arc<RouteEntry>,
     unmapped: Unmapped,
+    matrix: bool,
     error: Option<BuildError>,
 }
 
@@ -131,6 +132,7 @@ impl ScopeMap {
             routes: Vec::new(),
             unmapped_entry: Arc::new(RouteEntry { template: None, route: Route::Unmapped, policy: RoutePolicy::new() }),
             unmapped: Unmapped::default(),
+            matrix: false,
             error: None,
         }
     }
@@ -159,6 +161,15 @@ impl ScopeMap {
     /// What happens on routes not in the table.
     pub fn unmapped(mut self, policy: Unmapped) -> Self {
         self.unmapped = policy;
+        self
+    }
+
+    /// Accept `;` path parameters (matrix parameters, `/items;v=2/3`), reading each segment without
+    /// them, as servers that use them do (default: refused with `400 invalid-path`, because servers
+    /// that strip them would read `/items/..;/admin` as `/admin`). Turn on only if your inner service
+    /// strips them too.
+    pub fn matrix_parameters(mut self, allow: bool) -> Self {
+        self.matrix = allow;
         self
     }
 
@@ -198,11 +209,11 @@ impl ScopeMap {
     pub(crate) fn resolve(&self, matched: Option<&str>, path: &str) -> Result<&Arc<RouteEntry>, Rejection> {
         // Even a matched route or an empty table refuses an ambiguous path: the inner service may
         // read it differently from the router.
-        check(path)?;
+        check(path, self.matrix)?;
         if let Some(&i) = matched.and_then(|t| self.by_template.get(t)) {
             return Ok(&self.routes[i]);
         }
-        let path = canonical(path)?;
+        let path = canonical(path, self.matrix)?;
         Ok(match self.matcher.at(&path) {
             Ok(m) => &self.routes[*m.value],
             Err(_) => &self.unmapped_entry,

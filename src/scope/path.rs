@@ -4,33 +4,40 @@
 //! The matcher therefore looks up the *most general* reading of a path (decoded, slashes collapsed,
 //! no trailing slash, ASCII lowercase), and refuses the readings that cannot be made safe: dot
 //! segments, encoded slashes and backslashes, encoded `%`, control characters, invalid escapes or
-//! UTF-8. So `/admin/`, `//admin`, `/ADMIN` and `/%61dmin` all get the scope of `/admin`, and
-//! `/public/../admin` is a `400`.
+//! UTF-8, and `;` path parameters (many servers strip `;x` from a segment, so `/a;x/..;/admin` is
+//! `/admin` to them). So `/admin/`, `//admin`, `/ADMIN` and `/%61dmin` all get the scope of `/admin`,
+//! and `/public/../admin` and `/items/..;/admin` are a `400`. With matrix parameters allowed, `;…` is
+//! stripped from each segment before anything else, as such servers do.
 
 use crate::reject::Rejection;
 use std::borrow::Cow;
 
 /// Refuses the paths that cannot be read safely, without allocating. Run on every request, also
 /// when the framework already matched a route: the inner service may read the path differently.
-pub(crate) fn check(path: &str) -> Result<(), Rejection> {
+pub(crate) fn check(path: &str, matrix: bool) -> Result<(), Rejection> {
     if !path.starts_with('/') {
         return Err(Rejection::InvalidPath);
     }
-    // The common case in one pass: without `%`, `\`, control bytes or `/.`, a path has no escapes,
-    // no backslashes and no dot segments (a dot segment begins with `/.`).
-    let plain = path.bytes().fold(true, |ok, b| ok & (b != b'%') & (b != b'\\') & !b.is_ascii_control());
+    // The common case in one pass: without `%`, `\`, `;`, control bytes or `/.`, a path has no
+    // escapes, no backslashes, no parameters and no dot segments (a dot segment begins with `/.`).
+    let plain = path.bytes().fold(true, |ok, b| ok & (b != b'%') & (b != b'\\') & (b != b';') & !b.is_ascii_control());
     if plain && !path.contains("/.") {
         return Ok(());
     }
     for segment in path.split('/') {
+        let segment = match segment.split_once(';') {
+            Some((before, _)) if matrix => before,
+            Some(_) => return Err(Rejection::InvalidPath),
+            None => segment,
+        };
         let (mut decoded_len, mut all_dots) = (0, true);
         let b = segment.as_bytes();
         let mut i = 0;
         while i < b.len() {
             let c = if b[i] == b'%' {
                 let c = b.get(i + 1..i + 3).and_then(hex_byte).ok_or(Rejection::InvalidPath)?;
-                // An encoded separator or `%` reads differently on every server.
-                if matches!(c, b'/' | b'\\' | b'%') {
+                // An encoded separator, `%` or `;` reads differently on every server.
+                if matches!(c, b'/' | b'\\' | b'%' | b';') {
                     return Err(Rejection::InvalidPath);
                 }
                 i += 3;
@@ -59,11 +66,19 @@ fn hex_byte(pair: &[u8]) -> Option<u8> {
 
 /// The canonical form of a path that passed [`check`], borrowed when it already is canonical
 /// (the common case).
-pub(crate) fn canonical(path: &str) -> Result<Cow<'_, str>, Rejection> {
+pub(crate) fn canonical(path: &str, matrix: bool) -> Result<Cow<'_, str>, Rejection> {
     if is_canonical(path) {
         return Ok(Cow::Borrowed(path));
     }
-    let decoded = decode(path)?;
+    // Parameters go before decoding: `%3b` is refused by `check`, never a separator.
+    let path: Cow<'_, str> = if matrix && path.contains(';') {
+        Cow::Owned(
+            path.split('/').map(|s| s.split_once(';').map_or(s, |(before, _)| before)).collect::<Vec<_>>().join("/"),
+        )
+    } else {
+        Cow::Borrowed(path)
+    };
+    let decoded = decode(&path)?;
     let mut out = String::with_capacity(decoded.len());
     for segment in decoded.split('/').filter(|s| !s.is_empty()) {
         out.push('/');
@@ -77,7 +92,7 @@ pub(crate) fn canonical(path: &str) -> Result<Cow<'_, str>, Rejection> {
 
 fn is_canonical(path: &str) -> bool {
     let b = path.as_bytes();
-    let plain = b.iter().all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"/-_~.!$&'()*+,;=:@".contains(&c));
+    let plain = b.iter().all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"/-_~.!$&'()*+,=:@".contains(&c));
     plain && !path.contains("//") && (b.len() == 1 || !path.ends_with('/'))
 }
 
@@ -91,8 +106,20 @@ mod tests {
     use super::*;
 
     fn canon(path: &str) -> Result<Cow<'_, str>, Rejection> {
-        check(path)?;
-        canonical(path)
+        check(path, false)?;
+        canonical(path, false)
+    }
+
+    #[test]
+    fn path_parameters_are_refused_or_stripped() {
+        for p in ["/admin;x", "/items/..;/admin", "/a;b/c", "/a/%3b", "/a/..%3b/b", "/;"] {
+            assert!(canon(p).is_err(), "{p}");
+        }
+        let matrix = |p: &str| check(p, true).and_then(|()| canonical(p, true).map(Cow::into_owned));
+        assert_eq!(matrix("/Admin;v=1/stats;x").unwrap(), "/admin/stats");
+        for p in ["/items/..;/admin", "/items/.;x/admin", "/a/%3b"] {
+            assert!(matrix(p).is_err(), "{p}: a dot segment once its parameters are gone");
+        }
     }
 
     #[test]
@@ -105,10 +132,10 @@ mod tests {
         assert!(matches!(canon("/v1/items/42").unwrap(), Cow::Borrowed(_)));
         // Names that merely start with a dot are fine; only `.` and `..` segments are refused.
         for p in ["/.well-known/jwks.json", "/a/.hidden", "/a/..b", "/a/b.", "/a.b/c"] {
-            assert!(check(p).is_ok(), "{p}");
+            assert!(check(p, false).is_ok(), "{p}");
         }
         for p in ["/a/.", "/a/..", "/./a", "/../a", "/a/./b"] {
-            assert!(check(p).is_err(), "{p}");
+            assert!(check(p, false).is_err(), "{p}");
         }
     }
 
