@@ -49,6 +49,10 @@ pub struct Fake {
     /// Per-request metering as Oneloop does it: `rateLimitConfig` counted per (key, id) in the
     /// current window (until `end_rate_windows`), `billing.usage` added to `usage` on a VALID answer.
     pub rate_counts: Mutex<HashMap<(String, String), u64>>,
+    /// Raw 200 bodies by key, sent as they are (no spec check): one odd key among good ones.
+    pub raw: Mutex<HashMap<String, String>>,
+    /// Where verify answers with a redirect (`307`) instead, if set.
+    pub redirect_to: Mutex<Option<String>>,
 }
 
 impl Fake {
@@ -162,6 +166,12 @@ async fn verify(State(fake): State<Arc<Fake>>, headers: HeaderMap, body: bytes::
         return res;
     }
     let key = req["key"].as_str().unwrap();
+    if let Some(location) = fake.redirect_to.lock().unwrap().clone() {
+        return (StatusCode::TEMPORARY_REDIRECT, [(axum::http::header::LOCATION, location)]).into_response();
+    }
+    if let Some(raw) = fake.raw.lock().unwrap().get(key).cloned() {
+        return (StatusCode::OK, [(axum::http::header::CONTENT_TYPE, "application/json")], raw).into_response();
+    }
     let mut res = fake.keys.lock().unwrap().get(key).cloned().unwrap_or_else(|| {
         json!({"apiKeyId": "", "expiresAt": null, "status": "INVALID", "billing": null,
                "externalMeterId": null, "customerId": null, "scopes": []})

@@ -29,8 +29,9 @@ pub(crate) enum Delivery {
 pub(crate) enum CallError {
     /// Oneloop is down, slow, broken or refusing our token: counts against the circuit breaker.
     Down(String),
-    /// Oneloop refused this request (`400`): says nothing about its health.
-    Refused(String),
+    /// This call failed, and says nothing about Oneloop's health: a `400`, or a `200` whose body
+    /// breaks the contract (one odd answer must not open the circuit for every key).
+    OneCall(String),
 }
 
 pub(crate) struct Client {
@@ -50,7 +51,7 @@ impl Client {
     pub(crate) async fn verify(&self, body: &VerifyBody<'_>) -> Result<VerifyResponse, CallError> {
         let bytes = self.post("/api/v1/api-key/verify", body, body.key).await?;
         serde_json::from_slice(&bytes)
-            .map_err(|e| CallError::Down(format!("Oneloop verify answered an invalid body: {e}")))
+            .map_err(|e| CallError::OneCall(format!("Oneloop verify answered an invalid body: {e}")))
     }
 
     pub(crate) async fn record_usage(&self, body: &RecordUsageBody<'_>) -> Delivery {
@@ -96,7 +97,7 @@ impl Client {
                 }
                 Err(CallError::Down(format!("Oneloop {path}: workspace token refused ({status})")))
             }
-            400 => Err(CallError::Refused(format!("Oneloop {path}: bad request: {detail}"))),
+            400 => Err(CallError::OneCall(format!("Oneloop {path}: bad request: {detail}"))),
             _ => Err(CallError::Down(format!("Oneloop {path}: {status}: {detail}"))),
         }
     }

@@ -288,7 +288,7 @@ impl Verifier for Upstream {
             };
             let result = this.client.verify(&body).await.and_then(|response| {
                 let mut verification =
-                    response.into_verification().map_err(|m| CallError::Down(format!("Oneloop verify: {m}")))?;
+                    response.into_verification().map_err(|m| CallError::OneCall(format!("Oneloop verify: {m}")))?;
                 // Oneloop billed the usage and counted the rate limit it was sent.
                 verification.counted = per_request;
                 Ok(verification)
@@ -302,7 +302,7 @@ impl Verifier for Upstream {
                     permit.failure();
                     Err(VerifyError::new(message))
                 }
-                Err(CallError::Refused(message)) => {
+                Err(CallError::OneCall(message)) => {
                     permit.success();
                     Err(VerifyError::new(message))
                 }

@@ -1,7 +1,10 @@
 //! Oneloop's request and response bodies, field by field as `shared/oneloop/*.openapi.yaml` has them.
 //!
-//! Strict where the spec is: required fields must be present (nullable ones may be `null`), enums
-//! must be known, numbers must fit. Lenient where it allows: unknown extra fields are ignored.
+//! Refuses what is dangerous, accepts what is merely unusual. Required fields must be present
+//! (nullable ones may be `null`), enums known, numbers must fit, credits are digit strings (the spec's
+//! `^d+$` is a typo for `^\d+$`), and a `VALID` answer must name its key (`apiKeyId`: limits and logs
+//! key on it). Accepted as they are: unknown extra fields, a negative `remaining` (as 0), a past or
+//! negative `resetAt` (as now), an empty `apiKeyId` on a refusal.
 
 use crate::scope::Scope;
 use crate::verify::{BillingMeter, KeyFacts, KeyStatus, RateLimitState, Verification};
@@ -77,7 +80,8 @@ pub(crate) struct VerifyResponse {
 #[serde(rename_all = "camelCase")]
 struct WireRateLimit {
     remaining: i64,
-    reset_at: Timestamp,
+    /// Any integer: the spec sets no minimum, and a reset in the past means "now".
+    reset_at: i64,
 }
 
 /// `CustomerBillingMeter`.
@@ -121,13 +125,17 @@ struct Timestamp(SystemTime);
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let n = u64::deserialize(d)?;
-        let since_epoch = match n {
-            0 => return Err(de::Error::custom("a timestamp must be positive")),
-            n if n >= 100_000_000_000 => Duration::from_millis(n),
-            n => Duration::from_secs(n),
-        };
-        UNIX_EPOCH.checked_add(since_epoch).map(Timestamp).ok_or_else(|| de::Error::custom("timestamp out of range"))
+        if n == 0 {
+            return Err(de::Error::custom("a timestamp must be positive"));
+        }
+        Ok(Timestamp(instant(n)))
     }
+}
+
+/// Unix seconds, or milliseconds from 10^11 up; saturating at the far future.
+fn instant(n: u64) -> SystemTime {
+    let since_epoch = if n >= 100_000_000_000 { Duration::from_millis(n) } else { Duration::from_secs(n) };
+    UNIX_EPOCH.checked_add(since_epoch).unwrap_or(UNIX_EPOCH + Duration::from_secs(u64::from(u32::MAX) * 64))
 }
 
 /// A credit amount: a decimal string of digits, parsed exactly; too large is an error, never a wrap.
@@ -151,7 +159,13 @@ impl VerifyResponse {
             return Ok(Verification::invalid());
         }
         if self.api_key_id.is_empty() {
-            return Err("a known key came back without an apiKeyId".into());
+            // A refusal needs no facts; a pass does (its limits are counted by key id).
+            if self.status == KeyStatus::Valid {
+                return Err("a VALID answer came back without an apiKeyId".into());
+            }
+            let mut refused = Verification::invalid();
+            refused.status = self.status;
+            return Ok(refused);
         }
         let facts = KeyFacts {
             id: self.api_key_id,
@@ -173,8 +187,11 @@ impl VerifyResponse {
             ..KeyFacts::default()
         };
         let mut verification = Verification::new(self.status, Arc::new(facts));
-        verification.rate_limit =
-            self.rate_limit.map(|r| RateLimitState { remaining: r.remaining.max(0) as u64, reset_at: r.reset_at.0 });
+        verification.rate_limit = self.rate_limit.map(|r| RateLimitState {
+            remaining: r.remaining.max(0) as u64,
+            // A reset in the past (or before 1970) is now.
+            reset_at: u64::try_from(r.reset_at).ok().filter(|n| *n > 0).map_or(UNIX_EPOCH, instant),
+        });
         Ok(verification)
     }
 }
@@ -216,6 +233,10 @@ mod tests {
             let at = UNIX_EPOCH + Duration::from_secs(secs);
             assert_eq!(verification.facts.unwrap().expires_at, Some(at));
             assert_eq!(verification.rate_limit.unwrap().reset_at, at);
+            let mut v = full();
+            v["rateLimit"] = json!({"remaining": -3, "resetAt": -(raw as i64)});
+            let past = parse(v).unwrap().rate_limit.unwrap();
+            assert_eq!((past.remaining, past.reset_at), (0, UNIX_EPOCH), "negative: a past reset, now");
         }
         for bad in [json!(0), json!(-5), json!(1.5), json!("1800000000"), json!(1e30)] {
             let mut v = full();
