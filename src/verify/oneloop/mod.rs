@@ -69,6 +69,7 @@ impl OneloopVerifier {
             base_url: DEFAULT_BASE_URL.into(),
             timeout: DEFAULT_TIMEOUT,
             usage_timeout: DEFAULT_USAGE_TIMEOUT,
+            allow_http: false,
             client: None,
             mode: Mode::Cached,
             cache: CacheConfig::default(),
@@ -152,6 +153,7 @@ pub struct OneloopBuilder {
     base_url: String,
     timeout: Duration,
     usage_timeout: Duration,
+    allow_http: bool,
     client: Option<reqwest::Client>,
     mode: Mode,
     cache: CacheConfig,
@@ -159,9 +161,18 @@ pub struct OneloopBuilder {
 }
 
 impl OneloopBuilder {
-    /// The server (default [`DEFAULT_BASE_URL`]): for tests and self-hosted peers.
+    /// The server (default [`DEFAULT_BASE_URL`]): for tests and self-hosted peers. It must be
+    /// `https`, or plain `http` to a loopback address (`127.0.0.0/8`, `[::1]`, `localhost`), or plain
+    /// `http` anywhere with [`allow_http`](Self::allow_http): every call carries a user's key.
     pub fn base_url(mut self, url: impl Into<String>) -> Self {
         self.base_url = url.into();
+        self
+    }
+
+    /// Allow a plain-`http` base URL that is not loopback (default off): your users' keys then cross
+    /// the network in clear text. For a sidecar on a private network you trust.
+    pub fn allow_http(mut self, allow: bool) -> Self {
+        self.allow_http = allow;
         self
     }
 
@@ -215,6 +226,12 @@ impl OneloopBuilder {
             Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => url,
             _ => return bad("the Oneloop base URL must be an http(s) URL"),
         };
+        let host = url.host_str().unwrap_or_default();
+        let loopback = host.eq_ignore_ascii_case("localhost")
+            || host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        if url.scheme() == "http" && !loopback && !self.allow_http {
+            return bad("the Oneloop base URL must be https (plain http only to loopback, or with allow_http(true))");
+        }
         if self.timeout.is_zero() || self.usage_timeout.is_zero() {
             return bad("the Oneloop timeouts must be above zero");
         }
