@@ -98,6 +98,9 @@ impl Permit<'_> {
     pub(crate) fn success(mut self) {
         self.recorded = true;
         *self.breaker.lock() = State::Closed { failures: 0 };
+        if self.probe {
+            tracing::info!("keygate: verifier answered the probe; circuit closed");
+        }
     }
 
     /// The call failed the way a down upstream fails.

@@ -9,6 +9,7 @@ use crate::key::{ApiKey, KeyDigest, KeyFormat, PresentedKey, Redacted};
 use crate::limit::{
     self, HeaderStyle, LimitRequest, LimitState, LimitVerdict, RateLimit, RateLimitHeaders, Refusal, UsageCharge,
 };
+use crate::outage::Outage;
 use crate::reject::{Rejection, Responder};
 use crate::scope::{Action, RequiredScope, Route, RouteEntry, ScopeMap, Unmapped};
 use crate::usage::{allowance, Meter, UsageHandle, UsageOf};
@@ -43,6 +44,9 @@ pub(crate) struct Gate {
     pub(crate) meter: Arc<Meter>,
     /// `402` instead of `429` for spent usage allowances.
     pub(crate) usage_payment_required: bool,
+    /// The verifier's and the limiter's failures, logged as state changes, not per request.
+    pub(crate) verifier_outage: Outage,
+    pub(crate) limiter_outage: Outage,
 }
 
 /// A request let through: its verified key (if any) and the rate-limit headers for its response.
@@ -121,14 +125,20 @@ impl Gate {
         let (gate, entry) = (Arc::clone(self), Arc::clone(entry));
         Box::pin(async move {
             let verification = match verification.await {
-                Ok(verification) => verification,
+                Ok(verification) => {
+                    // A stale answer means the verifier is still failing.
+                    if !verification.stale {
+                        gate.verifier_outage.recovered();
+                    }
+                    verification
+                }
                 Err(error) if gate.fail_open => {
                     gate.fail_open_count.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%error, "keygate: verifier failed; failing OPEN, request let through unverified");
+                    gate.verifier_outage.failed(&error);
                     return Ok((Some(VerifiedKey::fail_open()), None));
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "keygate: verifier failed; refusing with 503");
+                    gate.verifier_outage.failed(&error);
                     let retry_after = error.retry_after().unwrap_or(gate.unavailable_retry_after);
                     return Err(Rejection::Unavailable { retry_after });
                 }
@@ -224,6 +234,7 @@ impl Gate {
         }
         let finish = move |gate: &Gate, verdict: Result<LimitVerdict, limit::LimitError>| match verdict {
             Ok(Ok(mut states)) => {
+                gate.limiter_outage.recovered();
                 states.extend(upstream);
                 gate.report(&key, usage.as_ref());
                 let headers = RateLimitHeaders::new(gate.header_style, &states);
@@ -239,7 +250,7 @@ impl Gate {
                 Err(gate.log(rejection, Some(&key.facts().id)))
             }
             Err(error) => {
-                tracing::warn!(%error, "keygate: limiter failed; refusing with 503");
+                gate.limiter_outage.failed(&error);
                 Err(Rejection::Unavailable { retry_after: gate.unavailable_retry_after })
             }
         };

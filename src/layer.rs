@@ -4,6 +4,7 @@ use crate::extract::{Extractor, KeySource};
 use crate::gate::Gate;
 use crate::key::KeyFormat;
 use crate::limit::{HeaderStyle, Limiter, MemoryLimiter, RateLimit};
+use crate::outage::Outage;
 use crate::reject::{ProblemJson, Responder};
 use crate::scope::ScopeMap;
 use crate::service::ApiKeyService;
@@ -286,6 +287,11 @@ impl ApiKeyLayerBuilder {
                 sink: self.sink,
             }),
             usage_payment_required: self.usage_payment_required,
+            verifier_outage: Outage::new(
+                "the verifier",
+                if self.fail_open { "failing OPEN: requests pass unverified" } else { "refusing with 503" },
+            ),
+            limiter_outage: Outage::new("the rate limiter", "refusing with 503"),
         };
         Ok(ApiKeyLayer { gate: Arc::new(gate) })
     }

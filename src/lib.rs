@@ -14,6 +14,7 @@ mod gate;
 mod key;
 mod layer;
 pub mod limit;
+mod outage;
 mod reject;
 mod scope;
 mod service;

@@ -152,6 +152,8 @@ struct Shared<V> {
     /// Bumped by `invalidate_all`: answers from calls started before it are not stored.
     generation: AtomicU64,
     config: CacheConfig,
+    /// Stale answers served while the verifier fails, logged as a state change, not per request.
+    stale_serving: crate::outage::Outage,
 }
 
 impl<V: Verifier> CachedVerifier<V> {
@@ -169,7 +171,9 @@ impl<V: Verifier> CachedVerifier<V> {
         let invalidated = Cache::builder().max_capacity(100_000).time_to_live(remember).build();
         let flights = Flights::new();
         let generation = AtomicU64::new(0);
-        let shared = Shared { verifier, base: Instant::now(), cache, invalidated, flights, generation, config };
+        let stale_serving = crate::outage::Outage::new("the verifier", "serving stale answers where it can");
+        let shared =
+            Shared { verifier, base: Instant::now(), cache, invalidated, flights, generation, config, stale_serving };
         Self { shared: Arc::new(shared) }
     }
 
@@ -295,13 +299,14 @@ impl<V: Verifier> Shared<V> {
                 let result = shared.verifier.verify(request).await;
                 if let Ok(answer) = &result {
                     shared.store(key, answer, started, generation);
+                    shared.stale_serving.recovered();
                 }
                 result
             })
             .await;
         result.or_else(|error| match self.stale(&key.0) {
             Some(stale) => {
-                tracing::warn!(%error, "keygate: verifier failed; serving a stale answer");
+                self.stale_serving.failed(&error);
                 Ok(stale)
             }
             None => Err(error),

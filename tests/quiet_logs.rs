@@ -1,0 +1,83 @@
+//! With Oneloop down, N requests log O(1) lines at WARN and above: state changes once, then a
+//! periodic summary; per-request refusals stay at DEBUG.
+#![cfg(feature = "oneloop")]
+
+mod common;
+
+use axum::body::Body;
+use axum::routing::get;
+use axum::Router;
+use common::oneloop::{answer, start, Behaviour, TOKEN};
+use http::{Request, StatusCode};
+use keygate::cache::CacheConfig;
+use keygate::verify::oneloop::OneloopVerifier;
+use keygate::{ApiKeyLayer, ScopeMap};
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tower::ServiceExt;
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn lines(&self, level: &str) -> Vec<String> {
+        let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
+        text.lines().filter(|l| l.contains(level)).map(str::to_owned).collect()
+    }
+}
+
+async fn call(app: &Router, key: &str) -> StatusCode {
+    let req = Request::get("/v1/items").header("x-api-key", key).body(Body::empty()).unwrap();
+    app.clone().oneshot(req).await.unwrap().status()
+}
+
+#[tokio::test] // current-thread: everything logs through this test's subscriber
+async fn an_outage_logs_its_state_changes_not_every_request() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let (addr, fake) = start().await;
+    fake.add("warm", answer("key_warm", &["items:read"]));
+    let oneloop = OneloopVerifier::builder(TOKEN)
+        .base_url(format!("http://{addr}"))
+        .cache(CacheConfig::default().positive_ttl(Duration::from_millis(1)))
+        .build()
+        .unwrap();
+    let layer = ApiKeyLayer::builder(oneloop).routes(ScopeMap::new().route("/v1/items", "items")).build().unwrap();
+    let app = Router::new().route("/v1/items", get(|| async { "ok" })).layer(layer);
+    assert_eq!(call(&app, "warm").await, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+
+    fake.set(Behaviour::Status500);
+    for i in 0..200 {
+        assert_eq!(call(&app, &format!("unknown-{i}")).await, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(call(&app, "warm").await, StatusCode::OK, "stale-if-error");
+    }
+    let loud: Vec<String> = logs.lines(" WARN ").into_iter().chain(logs.lines(" ERROR ")).collect();
+    assert!(loud.len() <= 4, "{} WARN/ERROR lines for 400 requests:\n{}", loud.len(), loud.join("\n"));
+    assert!(!loud.is_empty(), "the outage is said at least once");
+    assert!(logs.lines(" DEBUG ").len() >= 200, "each refusal is still there at DEBUG");
+
+    fake.set(Behaviour::Normal);
+    tokio::time::sleep(Duration::from_secs(5)).await; // the breaker's cool-down
+    assert_eq!(call(&app, "unknown-0").await, StatusCode::UNAUTHORIZED);
+    let recovered = logs.lines(" INFO ");
+    assert!(recovered.iter().any(|l| l.contains("recovered")), "{recovered:?}");
+}
