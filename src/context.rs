@@ -2,6 +2,7 @@
 //! gate, and an axum extractor for it (feature `axum`).
 
 use crate::limit::{most_restrictive, LimitState};
+use crate::reject::{Rejection, Responder};
 use crate::scope::Scope;
 use crate::usage::UsageHandle;
 use crate::verify::{KeyFacts, Metadata};
@@ -10,8 +11,9 @@ use std::time::SystemTime;
 
 /// The verified key of a request: its id, scopes, metadata, customer and expiry. Never the key.
 ///
-/// With the `axum` feature it is an extractor: `VerifiedKey` refuses with `401` when the request
-/// has none, `Option<VerifiedKey>` gives `None` (for routes in optional mode).
+/// With the `axum` feature it is an extractor: `VerifiedKey` refuses a request that has none with
+/// the layer's responder (`401` by default; optional mode lets keyless requests that far), or with
+/// `500` on a route no layer covers (a wiring error); `Option<VerifiedKey>` gives `None`.
 ///
 /// ```
 /// use axum::{routing::get, Router};
@@ -26,18 +28,59 @@ use std::time::SystemTime;
 /// let app: Router = Router::new().route("/whoami", get(whoami)).route("/hello", get(maybe));
 /// # let _ = app;
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct VerifiedKey {
     facts: Arc<KeyFacts>,
     stale: bool,
     fail_open: bool,
     rate_limits: Vec<LimitState>,
     usage: UsageHandle,
+    /// The layer's responder, for refusals made after the gate (`require(...)`).
+    responder: Option<Arc<dyn Responder>>,
+}
+
+impl std::fmt::Debug for VerifiedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifiedKey")
+            .field("facts", &self.facts)
+            .field("stale", &self.stale)
+            .field("fail_open", &self.fail_open)
+            .field("rate_limits", &self.rate_limits)
+            .field("usage", &self.usage)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Left in a request's extensions by a gate that let it through without a key (a public route, a
+/// preflight, optional mode), so later refusals use the layer's responder and a missing key is
+/// told apart from a missing gate.
+#[derive(Clone)]
+pub(crate) struct Gated(pub(crate) Arc<dyn Responder>);
+
+/// The response to a refusal made after the gate (by `require(...)` or the extractor): the layer's
+/// responder when a gate ran, else `500` for a wiring error (no layer covers the route), logged.
+pub(crate) fn refuse_after_gate(extensions: &http::Extensions, rejection: &Rejection) -> http::Response<bytes::Bytes> {
+    let responder = extensions
+        .get::<VerifiedKey>()
+        .and_then(|k| k.responder.as_ref())
+        .or_else(|| extensions.get::<Gated>().map(|g| &g.0));
+    match responder {
+        Some(responder) => responder.respond(rejection),
+        None => {
+            tracing::error!("keygate: a VerifiedKey was asked for on a route no ApiKeyLayer covers; answering 500");
+            Rejection::NotGated.to_response()
+        }
+    }
 }
 
 impl VerifiedKey {
     pub(crate) fn new(facts: Arc<KeyFacts>, stale: bool) -> Self {
-        Self { facts, stale, fail_open: false, rate_limits: Vec::new(), usage: UsageHandle::none() }
+        let usage = UsageHandle::none();
+        Self { facts, stale, fail_open: false, rate_limits: Vec::new(), usage, responder: None }
+    }
+
+    pub(crate) fn set_responder(&mut self, responder: &Arc<dyn Responder>) {
+        self.responder = Some(Arc::clone(responder));
     }
 
     /// A request let through unverified because the verifier failed and the layer fails open.
@@ -117,17 +160,41 @@ impl VerifiedKey {
 
 #[cfg(feature = "axum")]
 mod extractor {
-    use super::VerifiedKey;
+    use super::{refuse_after_gate, Gated, VerifiedKey};
     use crate::reject::Rejection;
     use axum::extract::{FromRequestParts, OptionalFromRequestParts};
+    use axum::response::{IntoResponse, Response};
     use http::request::Parts;
 
-    impl<S: Send + Sync> FromRequestParts<S> for VerifiedKey {
-        type Rejection = Rejection;
+    /// Why the [`VerifiedKey`] extractor refused: the layer's responder's answer to a missing key
+    /// (optional mode), or `500` when no [`ApiKeyLayer`](crate::ApiKeyLayer) covers the route.
+    #[derive(Debug)]
+    pub struct VerifiedKeyRejection(http::Response<bytes::Bytes>);
 
-        async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Rejection> {
-            // No context means no gate ran or optional mode let a keyless request in: fail closed.
-            parts.extensions.get::<VerifiedKey>().cloned().ok_or(Rejection::MissingKey)
+    impl VerifiedKeyRejection {
+        /// The status it answers with.
+        pub fn status(&self) -> http::StatusCode {
+            self.0.status()
+        }
+    }
+
+    impl IntoResponse for VerifiedKeyRejection {
+        fn into_response(self) -> Response {
+            self.0.map(axum::body::Body::from)
+        }
+    }
+
+    impl<S: Send + Sync> FromRequestParts<S> for VerifiedKey {
+        type Rejection = VerifiedKeyRejection;
+
+        async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, VerifiedKeyRejection> {
+            if let Some(key) = parts.extensions.get::<VerifiedKey>() {
+                return Ok(key.clone());
+            }
+            // A gate let it in without a key (optional mode): fail closed, in the layer's words.
+            let missing =
+                if parts.extensions.get::<Gated>().is_some() { Rejection::MissingKey } else { Rejection::NotGated };
+            Err(VerifiedKeyRejection(refuse_after_gate(&parts.extensions, &missing)))
         }
     }
 
@@ -139,3 +206,6 @@ mod extractor {
         }
     }
 }
+
+#[cfg(feature = "axum")]
+pub use extractor::VerifiedKeyRejection;

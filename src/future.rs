@@ -85,9 +85,7 @@ where
                     let (mut req, mut inner) = waiting.take().expect("ResponseFuture polled after completion");
                     match verdict {
                         Ok((key, headers)) => {
-                            if let Some(key) = key {
-                                req.extensions_mut().insert(key);
-                            }
+                            gate.hand_over(&mut req, key);
                             State::Called { future: inner.call(req), headers }
                         }
                         Err(rejection) => State::Rejected { response: Some(gate.respond(&rejection)) },

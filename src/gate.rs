@@ -31,7 +31,7 @@ pub(crate) struct Gate {
     pub(crate) hide_credentials: bool,
     pub(crate) optional: bool,
     pub(crate) allow_preflight: bool,
-    pub(crate) responder: Box<dyn Responder>,
+    pub(crate) responder: Arc<dyn Responder>,
     pub(crate) unavailable_retry_after: Duration,
     pub(crate) fail_open: bool,
     /// Requests let through unverified by `fail_open`.
@@ -135,7 +135,9 @@ impl Gate {
                 Err(error) if gate.fail_open => {
                     gate.fail_open_count.fetch_add(1, Ordering::Relaxed);
                     gate.verifier_outage.failed(&error);
-                    return Ok((Some(VerifiedKey::fail_open()), None));
+                    let mut key = VerifiedKey::fail_open();
+                    key.set_responder(&gate.responder);
+                    return Ok((Some(key), None));
                 }
                 Err(error) => {
                     gate.verifier_outage.failed(&error);
@@ -222,6 +224,7 @@ impl Gate {
             Some(UsageCharge { allowed, reported, amount: u.amount })
         });
         key.set_usage(UsageHandle::new(self.meter.clone(), facts.clone(), raw));
+        key.set_responder(&self.responder);
         let limits = self.limits_for(&facts, entry, counted.is_some());
         if limits.is_empty() && charge.is_none() {
             self.report(&key, usage.as_ref());
@@ -315,6 +318,16 @@ impl Gate {
     fn log(&self, rejection: Rejection, key_id: Option<&str>) -> Rejection {
         tracing::debug!(%rejection, key_id, "keygate: refused");
         rejection
+    }
+
+    /// Puts what the gate learnt into the request for the inner service: the verified key, or a
+    /// mark that a gate let it through without one.
+    pub(crate) fn hand_over<B>(&self, req: &mut Request<B>, key: Option<VerifiedKey>) {
+        let extensions = req.extensions_mut();
+        match key {
+            Some(key) => drop(extensions.insert(key)),
+            None => drop(extensions.insert(crate::context::Gated(Arc::clone(&self.responder)))),
+        }
     }
 
     /// The responder's response, with the rate-limit headers of a `429`.

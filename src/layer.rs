@@ -63,7 +63,7 @@ impl ApiKeyLayer {
             hide_credentials: true,
             optional: false,
             allow_preflight: false,
-            responder: Box::new(ProblemJson),
+            responder: Arc::new(ProblemJson),
             unavailable_retry_after: Duration::from_secs(1),
             fail_open: false,
             limiter: None,
@@ -118,7 +118,7 @@ pub struct ApiKeyLayerBuilder {
     hide_credentials: bool,
     optional: bool,
     allow_preflight: bool,
-    responder: Box<dyn Responder>,
+    responder: Arc<dyn Responder>,
     unavailable_retry_after: Duration,
     fail_open: bool,
     limiter: Option<Arc<dyn Limiter>>,
@@ -183,7 +183,7 @@ impl ApiKeyLayerBuilder {
 
     /// What rejections look like (default [`ProblemJson`]).
     pub fn responder(mut self, responder: impl Responder) -> Self {
-        self.responder = Box::new(responder);
+        self.responder = Arc::new(responder);
         self
     }
 

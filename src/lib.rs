@@ -24,6 +24,8 @@ pub mod verify;
 
 pub use body::ResponseBody;
 pub use context::VerifiedKey;
+#[cfg(feature = "axum")]
+pub use context::VerifiedKeyRejection;
 pub use extract::KeySource;
 pub use future::ResponseFuture;
 pub use key::{ApiKey, Fingerprint, InvalidPrefix, KeyDigest, KeyFormat, ParseDigestError, PresentedKey, Redacted};

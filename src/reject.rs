@@ -51,6 +51,10 @@ pub enum Rejection {
         /// When to try again.
         retry_after: Duration,
     },
+    /// A handler or `require(...)` asked for the verified key on a route no
+    /// [`ApiKeyLayer`](crate::ApiKeyLayer) covers: a wiring error, logged. `500`, as axum answers a
+    /// missing extension.
+    NotGated,
 }
 
 /// The fixed parts of each cause's response.
@@ -131,6 +135,13 @@ impl Rejection {
                 "This API key has used all of its usage allowance.",
                 None,
             ),
+            Self::NotGated => c(
+                S::INTERNAL_SERVER_ERROR,
+                "not-gated",
+                "Server misconfigured",
+                "This route is not behind the API key layer.",
+                None,
+            ),
             Self::Unavailable { .. } => c(
                 S::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -180,7 +191,7 @@ impl Rejection {
         }
         // Bodies of fixed causes are rendered once: refusing a bad key must stay cheap.
         // Eight short strings, leaked once, so each response shares them without a count.
-        static FIXED: [OnceLock<&'static str>; 8] = [const { OnceLock::new() }; 8];
+        static FIXED: [OnceLock<&'static str>; 9] = [const { OnceLock::new() }; 9];
         let fixed = |i: usize| Bytes::from_static(FIXED[i].get_or_init(|| render().to_string().leak()).as_bytes());
         let body = match self {
             Self::MissingKey => fixed(0),
@@ -191,6 +202,7 @@ impl Rejection {
             Self::UnmappedRoute => fixed(5),
             Self::UsageLimited { payment_required: false } => fixed(6),
             Self::UsageLimited { payment_required: true } => fixed(7),
+            Self::NotGated => fixed(8),
             _ => Bytes::new(),
         };
         if !body.is_empty() {

@@ -44,9 +44,7 @@ where
     fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
         match self.gate.admit(&mut req) {
             Admission::Pass((key, headers)) => {
-                if let Some(key) = key {
-                    req.extensions_mut().insert(key);
-                }
+                self.gate.hand_over(&mut req, key);
                 ResponseFuture::called(self.inner.call(req), headers)
             }
             Admission::Reject(rejection) => ResponseFuture::rejected(self.gate.respond(&rejection)),

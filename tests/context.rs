@@ -80,9 +80,10 @@ async fn per_route_annotations() {
     assert_eq!((r.status.as_u16(), r.json()["required_scope"].as_str()), (403, Some("reports:create")));
     assert_eq!(request(addr, "POST", "/reports/export", &h).await.body, "exported");
 
-    // Without a gate in front, an annotation fails closed.
+    // Without a gate in front, an annotation fails closed: a wiring error (500), not a 401 asking
+    // for the key the caller sent.
     let bare = serve_axum(Router::new().route("/r", get(|| async { "x" }).route_layer(require("reports")))).await;
-    assert_eq!(fetch(bare, "/r", &h).await.status, 401);
+    assert_eq!(fetch(bare, "/r", &h).await.status, 500);
 }
 
 #[tokio::test]
@@ -168,4 +169,49 @@ async fn keys_load_from_a_file() {
     assert_eq!(request(addr, "POST", "/items", &[("x-api-key", b"prod-key-456")]).await.json()["customer"], "cus_9");
     assert_eq!(fetch(addr, "/items", &[("x-api-key", b"off-key-123")]).await.status, 401);
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// One responder for every refusal keygate makes: the layer's, the route's `require(...)` and the
+/// extractor's.
+#[tokio::test]
+async fn the_custom_responder_answers_every_refusal() {
+    let teapot = |r: &keygate::Rejection| {
+        let mut res = http::Response::new(bytes::Bytes::from(format!("teapot: {}", r.status().as_u16())));
+        *res.status_mut() = http::StatusCode::IM_A_TEAPOT;
+        res
+    };
+    let verifier = LocalVerifier::in_memory();
+    let items = verifier.create(KeyFacts::new("k").with_scopes(["items:*".parse().unwrap()])).await.unwrap().key;
+    let layer = ApiKeyLayer::builder(verifier).optional(true).responder(teapot).build().unwrap();
+    let app = Router::new()
+        .route("/admin", get(|| async { "admin" }).route_layer(require("admin")))
+        .route("/me", get(|k: VerifiedKey| async move { k.id().to_owned() }))
+        .layer(layer);
+    let addr = serve_axum(app).await;
+    let r = fetch(addr, "/admin", &[("x-api-key", items.expose_secret().as_bytes())]).await;
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (418, "teapot: 403"), "require(...) refusing a scope");
+    let r = fetch(addr, "/admin", &[]).await;
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (418, "teapot: 401"), "require(...) with no key");
+    let r = fetch(addr, "/me", &[]).await;
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (418, "teapot: 401"), "the extractor with no key");
+    let r = fetch(addr, "/me", &[("x-api-key", b"nope")]).await;
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (418, "teapot: 401"), "the layer itself");
+}
+
+/// A handler asking for a `VerifiedKey` on a route the layer does not cover is a wiring error: 500,
+/// as axum answers a missing extension, not a 401 asking for a key the caller already sent.
+#[tokio::test]
+async fn a_key_asked_for_where_no_gate_runs_is_a_500() {
+    let verifier = LocalVerifier::in_memory();
+    let key = verifier.create(KeyFacts::new("k")).await.unwrap().key;
+    let app = Router::new()
+        .route("/gated", get(|k: VerifiedKey| async move { k.id().to_owned() }))
+        .route_layer(ApiKeyLayer::new(verifier))
+        .route("/forgotten", get(|k: VerifiedKey| async move { k.id().to_owned() }))
+        .route("/forgotten-require", get(|| async { "x" }).route_layer(require("x")));
+    let addr = serve_axum(app).await;
+    let sent = [("x-api-key", key.expose_secret().as_bytes())];
+    assert_eq!(fetch(addr, "/gated", &sent).await.body, "k");
+    assert_eq!(fetch(addr, "/forgotten", &sent).await.status, 500);
+    assert_eq!(fetch(addr, "/forgotten-require", &sent).await.status, 500);
 }

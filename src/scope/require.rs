@@ -3,7 +3,7 @@
 
 use super::{Action, RequiredScope};
 use crate::body::ResponseBody;
-use crate::context::VerifiedKey;
+use crate::context::{refuse_after_gate, Gated, VerifiedKey};
 use crate::future::ResponseFuture;
 use crate::reject::Rejection;
 use http::{Request, Response};
@@ -15,9 +15,10 @@ use tower_service::Service;
 /// Requires the method's action on `representation` for the routes it wraps.
 ///
 /// Use it with axum's `route_layer` (or on a single method router) *inside* a router that has an
-/// [`ApiKeyLayer`](crate::ApiKeyLayer): the gate verifies the key, this checks the scope. A request
-/// that reaches it without a verified key (optional mode, or no gate at all) is refused with `401`,
-/// so a missing gate fails closed.
+/// [`ApiKeyLayer`](crate::ApiKeyLayer): the gate verifies the key, this checks the scope. Its
+/// refusals go through the layer's responder. A request that reaches it without a verified key is
+/// refused: `401` in optional mode, `500` where no gate ran at all (a wiring error), so a missing
+/// gate fails closed.
 ///
 /// ```
 /// use axum::{routing::get, Router};
@@ -60,7 +61,10 @@ pub struct RequireService<S> {
 
 impl RequireLayer {
     fn check<B>(&self, req: &Request<B>) -> Result<(), Rejection> {
-        let key = req.extensions().get::<VerifiedKey>().ok_or(Rejection::MissingKey)?;
+        let Some(key) = req.extensions().get::<VerifiedKey>() else {
+            let gated = req.extensions().get::<Gated>().is_some();
+            return Err(if gated { Rejection::MissingKey } else { Rejection::NotGated });
+        };
         let action = self.action.or_else(|| Action::from_method(req.method())).ok_or(Rejection::UnmappedRoute)?;
         let required = RequiredScope { representation: self.representation.clone(), action };
         if required.granted_by(key.scopes()) {
@@ -86,7 +90,7 @@ where
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         match self.rule.check(&req) {
             Ok(()) => ResponseFuture::called(self.inner.call(req), None),
-            Err(rejection) => ResponseFuture::rejected(rejection.to_response()),
+            Err(rejection) => ResponseFuture::rejected(refuse_after_gate(req.extensions(), &rejection)),
         }
     }
 }
