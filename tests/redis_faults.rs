@@ -167,3 +167,32 @@ async fn a_balance_spent_during_an_outage_is_spent_once() {
     assert_eq!(spent, 60, "the two shares of the 60 credits left");
     assert_eq!(after, 0, "100 credits, spent exactly once");
 }
+
+/// Redis restarts: the first uncached lookup on each instance meets the dead connection. It is
+/// retried once on the new one, not answered with a 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_lookup_after_a_restart_is_not_a_503() {
+    if !have_redis_server("the_first_lookup_after_a_restart_is_not_a_503") {
+        return;
+    }
+    let port = free_port();
+    let mut own = OwnRedis::start(port);
+    let client = redis::Client::open(own.url()).unwrap();
+    let store = keygate::store::RedisKeyStore::new(client.get_connection_manager().await.unwrap(), "kgrestart")
+        .timeout(Duration::from_secs(2));
+    let verifier = LocalVerifier::new(store);
+    let first = key(&verifier, KeyFacts::new("k1")).await;
+    let app = Router::new().route("/x", get(|| async { "ok" })).layer(ApiKeyLayer::new(verifier));
+    assert_eq!(call(&app, "/x", &first).await, StatusCode::OK);
+
+    own.stop();
+    let _own = OwnRedis::start(port);
+    // The restarted Redis kept nothing: an admin (on a connection of its own) adds a key again.
+    let admin_client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let admin = LocalVerifier::new(keygate::store::RedisKeyStore::new(
+        admin_client.get_connection_manager().await.unwrap(),
+        "kgrestart",
+    ));
+    let second = key(&admin, KeyFacts::new("k2")).await;
+    assert_eq!(call(&app, "/x", &second).await, StatusCode::OK, "the first lookup after the restart");
+}

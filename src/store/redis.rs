@@ -105,9 +105,22 @@ impl RedisKeyStore {
     }
 
     async fn load(&self, digest: &KeyDigest) -> Result<Option<StoredKey>, StoreError> {
-        let mut conn = self.conn.clone();
-        let json: Option<String> =
-            self.timed(redis::cmd("GET").arg(self.record_key(digest)).query_async(&mut conn)).await?;
+        let record = self.record_key(digest);
+        let get = || {
+            let mut conn = self.conn.clone();
+            let record = record.clone();
+            async move { redis::cmd("GET").arg(record).query_async::<Option<String>>(&mut conn).await }
+        };
+        let json = self
+            .timed(async {
+                match get().await {
+                    // A dead connection (Redis restarted) fails the first command on it, and the
+                    // manager reconnects: a read is safe to send once more, on the new connection.
+                    Err(e) if e.is_connection_dropped() || e.is_io_error() || e.is_connection_refusal() => get().await,
+                    other => other,
+                }
+            })
+            .await?;
         json.map(|j| serde_json::from_str(&j).map_err(backend)).transpose()
     }
 
