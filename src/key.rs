@@ -242,17 +242,30 @@ const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnop
 const RANDOM_LEN: usize = 22;
 /// 6 base62 characters hold a CRC-32 (62^6 > 2^32).
 const CHECKSUM_LEN: usize = 6;
+/// 11 base62 characters hold a 64-bit tag (62^11 > 2^64).
+const TAG_LEN: usize = 11;
 
-/// What a well-formed key looks like, checked before any cache or verifier is asked, so that a
-/// forged or mistyped key costs no lookup.
+/// What a well-formed key looks like, checked before any verifier is asked.
+///
+/// - [`KeyFormat::checksummed`]: a CRC-32 over the key. It catches every typo and lets secret
+///   scanners recognise keys, but anyone can compute a CRC: a key forged offline passes it. It is
+///   not a secret; the key's 130 random bits are.
+/// - [`KeyFormat::keyed`]: a 64-bit tag under a server secret ([`KeySecret`]), so a key forged
+///   without the secret fails the check (1 in 2^64 guesses passes) and costs no lookup. Several
+///   secrets may be listed, newest first, for rotation.
 ///
 /// ```
-/// use keygate::KeyFormat;
+/// use keygate::{KeyFormat, KeySecret};
 /// let format = KeyFormat::checksummed("kg_").unwrap();
 /// let key = format.generate().unwrap();
 /// assert!(format.accepts(key.expose_secret()));
 /// assert!(!format.accepts("kg_0000000000000000000000000000"));
 /// assert!(KeyFormat::Any.accepts("anything-visible"));
+///
+/// let keyed = KeyFormat::keyed("kg_", [KeySecret::new(b"sixteen or more bytes of secret").unwrap()]).unwrap();
+/// let key = keyed.generate().unwrap();
+/// assert!(keyed.accepts(key.expose_secret()));
+/// assert!(!keyed.accepts(KeyFormat::checksummed("kg_").unwrap().generate().unwrap().expose_secret()));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -267,39 +280,135 @@ pub enum KeyFormat {
         /// The fixed prefix, such as `kg_`.
         prefix: Box<str>,
     },
+    /// `prefix`, 22 base62 characters of OS randomness, and an 11-character base62 tag: SipHash-2-4
+    /// of the two under a 128-bit [`KeySecret`] (a keyed PRF made for short inputs; a software
+    /// HMAC-SHA256 would cost more than the whole gate on CPUs without SHA extensions).
+    Keyed {
+        /// The fixed prefix, such as `kg_`.
+        prefix: Box<str>,
+        /// The first makes new keys; all are accepted (rotation: new first, then the old).
+        secrets: std::sync::Arc<[KeySecret]>,
+    },
 }
 
-/// A key prefix was empty, too long or not made of `[A-Za-z0-9_-]`.
+/// A server secret for [`KeyFormat::keyed`]: 128 bits. Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeySecret([u8; 16]);
+
+impl KeySecret {
+    /// From at least 16 bytes of secret; longer secrets (a passphrase, a 32-byte key) are
+    /// condensed with SHA-256.
+    ///
+    /// # Errors
+    /// [`InvalidSecret`] for fewer than 16 bytes.
+    pub fn new(bytes: &[u8]) -> Result<Self, InvalidSecret> {
+        use sha2::Digest;
+        match bytes.len() {
+            0..=15 => Err(InvalidSecret),
+            16 => Ok(Self(bytes.try_into().expect("16 bytes"))),
+            _ => Ok(Self(sha2::Sha256::digest(bytes)[..16].try_into().expect("16 bytes"))),
+        }
+    }
+
+    /// A new secret from the OS random source.
+    ///
+    /// # Errors
+    /// When the OS random source fails.
+    pub fn generate() -> Result<Self, getrandom::Error> {
+        let mut bytes = [0u8; 16];
+        getrandom::fill(&mut bytes)?;
+        Ok(Self(bytes))
+    }
+
+    fn tag(&self, body: &[u8]) -> [u8; TAG_LEN] {
+        use std::hash::Hasher;
+        let mut h = siphasher::sip::SipHasher24::new_with_key(&self.0);
+        h.write(body);
+        base62_fixed::<TAG_LEN>(h.finish())
+    }
+}
+
+impl fmt::Debug for KeySecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeySecret(…)")
+    }
+}
+
+/// A key secret shorter than 16 bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidSecret;
+
+impl fmt::Display for InvalidSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a key secret is at least 16 bytes")
+    }
+}
+
+impl std::error::Error for InvalidSecret {}
+
+/// A key prefix was empty, too long or not made of `[A-Za-z0-9_-]`; or a keyed format had no secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvalidPrefix;
 
 impl fmt::Display for InvalidPrefix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a key prefix is 1 to 16 characters of [A-Za-z0-9_-]")
+        f.write_str("a key prefix is 1 to 16 characters of [A-Za-z0-9_-], and a keyed format has a secret")
     }
 }
 
 impl std::error::Error for InvalidPrefix {}
 
+fn prefix_ok(prefix: &str) -> bool {
+    (1..=16).contains(&prefix.len()) && prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// `rest` is `n` base62 characters.
+fn base62_of_len(rest: &str, n: usize) -> bool {
+    rest.len() == n && rest.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
 impl KeyFormat {
-    /// Generated keys with this prefix.
+    /// Generated keys with this prefix, checked by CRC-32.
+    ///
+    /// # Errors
+    /// [`InvalidPrefix`] for a prefix that is not 1 to 16 characters of `[A-Za-z0-9_-]`.
     pub fn checksummed(prefix: &str) -> Result<Self, InvalidPrefix> {
-        let ok = (1..=16).contains(&prefix.len())
-            && prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-        ok.then(|| Self::Checksummed { prefix: prefix.into() }).ok_or(InvalidPrefix)
+        prefix_ok(prefix).then(|| Self::Checksummed { prefix: prefix.into() }).ok_or(InvalidPrefix)
     }
 
-    /// Whether a presented key has this format. Cheap: no allocation, one CRC-32 over the key.
+    /// Generated keys with this prefix, tagged under `secrets`: the first makes new keys, all are
+    /// accepted. To rotate: list the new secret first and the old after it until the old keys are
+    /// replaced, then drop the old one.
+    ///
+    /// # Errors
+    /// [`InvalidPrefix`] for a bad prefix or no secret.
+    pub fn keyed(prefix: &str, secrets: impl IntoIterator<Item = KeySecret>) -> Result<Self, InvalidPrefix> {
+        let secrets: std::sync::Arc<[KeySecret]> = secrets.into_iter().collect();
+        (prefix_ok(prefix) && !secrets.is_empty())
+            .then(|| Self::Keyed { prefix: prefix.into(), secrets })
+            .ok_or(InvalidPrefix)
+    }
+
+    /// Whether a presented key has this format. Cheap: no allocation; one CRC-32, or one SipHash per
+    /// secret listed.
     pub fn accepts(&self, key: &str) -> bool {
         match self {
             Self::Any => true,
             Self::Checksummed { prefix } => {
                 let Some(rest) = key.strip_prefix(&**prefix) else { return false };
-                if rest.len() != RANDOM_LEN + CHECKSUM_LEN || !rest.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                if !base62_of_len(rest, RANDOM_LEN + CHECKSUM_LEN) {
                     return false;
                 }
                 let (body, sum) = key.split_at(key.len() - CHECKSUM_LEN);
                 sum.as_bytes() == base62_fixed::<CHECKSUM_LEN>(crc32(body.as_bytes()) as u64)
+            }
+            Self::Keyed { prefix, secrets } => {
+                let Some(rest) = key.strip_prefix(&**prefix) else { return false };
+                if !base62_of_len(rest, RANDOM_LEN + TAG_LEN) {
+                    return false;
+                }
+                let (body, tag) = key.split_at(key.len() - TAG_LEN);
+                secrets.iter().any(|s| s.tag(body.as_bytes()) == tag.as_bytes())
             }
         }
     }
@@ -307,14 +416,17 @@ impl KeyFormat {
     /// Generates a new key of this format from the OS random source.
     ///
     /// [`KeyFormat::Any`] generates keys of the default `kg_` format.
+    ///
+    /// # Errors
+    /// When the OS random source fails.
     pub fn generate(&self) -> Result<ApiKey, getrandom::Error> {
         let prefix = match self {
             Self::Any => "kg_",
-            Self::Checksummed { prefix } => prefix,
+            Self::Checksummed { prefix } | Self::Keyed { prefix, .. } => prefix,
         };
         let mut random = [0u8; RANDOM_LEN];
         getrandom::fill(&mut random)?;
-        let mut key = String::with_capacity(prefix.len() + RANDOM_LEN + CHECKSUM_LEN);
+        let mut key = String::with_capacity(prefix.len() + RANDOM_LEN + TAG_LEN);
         key.push_str(prefix);
         // 256 % 62 != 0, so plain `b % 62` is biased; rejection sampling keeps every symbol equally
         // likely. Refill the rejected bytes until all are usable.
@@ -326,8 +438,16 @@ impl KeyFormat {
             }
             key.push(BASE62[(*slot % 62) as usize] as char);
         }
-        let sum = base62_fixed::<CHECKSUM_LEN>(crc32(key.as_bytes()) as u64);
-        key.extend(sum.iter().map(|&b| b as char));
+        match self {
+            Self::Keyed { secrets, .. } => {
+                let tag = secrets[0].tag(key.as_bytes());
+                key.extend(tag.iter().map(|&b| b as char));
+            }
+            _ => {
+                let sum = base62_fixed::<CHECKSUM_LEN>(crc32(key.as_bytes()) as u64);
+                key.extend(sum.iter().map(|&b| b as char));
+            }
+        }
         Ok(ApiKey::new(key))
     }
 }

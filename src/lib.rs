@@ -28,7 +28,10 @@ pub use context::VerifiedKey;
 pub use context::VerifiedKeyRejection;
 pub use extract::KeySource;
 pub use future::ResponseFuture;
-pub use key::{ApiKey, Fingerprint, InvalidPrefix, KeyDigest, KeyFormat, ParseDigestError, PresentedKey, Redacted};
+pub use key::{
+    ApiKey, Fingerprint, InvalidPrefix, InvalidSecret, KeyDigest, KeyFormat, KeySecret, ParseDigestError, PresentedKey,
+    Redacted,
+};
 pub use layer::{ApiKeyLayer, ApiKeyLayerBuilder, BuildError, DEFAULT_MAX_KEY_LEN, MAX_MAX_KEY_LEN};
 pub use reject::{ProblemJson, Rejection, Responder};
 pub use scope::{

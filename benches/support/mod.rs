@@ -147,6 +147,10 @@ pub async fn variants(oneloop_addr: SocketAddr) -> Vec<(&'static str, Router)> {
             "keygate_reject_forged",
             router().layer(gate(ApiKeyLayer::builder(local_verifier().await).key_format(format()))),
         ),
+        (
+            "keygate_reject_forged_keyed",
+            router().layer(gate(ApiKeyLayer::builder(local_verifier().await).key_format(keyed_format()))),
+        ),
     ]
 }
 
@@ -154,19 +158,26 @@ fn format() -> keygate::KeyFormat {
     keygate::KeyFormat::checksummed("kb_").unwrap()
 }
 
+fn keyed_format() -> keygate::KeyFormat {
+    let secret = keygate::KeySecret::new(b"bench secret, sixteen bytes or more").unwrap();
+    keygate::KeyFormat::keyed("kb_", [secret]).unwrap()
+}
+
 /// Which keys a variant is called with: all 1 000, the one static token, or forged keys (right
-/// prefix and length, wrong checksum) for the rejection variant.
+/// prefix and length, wrong checksum or tag) for the rejection variants.
 pub fn keys_for(variant: &str) -> Vec<String> {
     match variant {
         "static_bearer" => vec![key(0)],
         "keygate_reject_forged" => (0..KEYS).map(key).filter(|k| !format().accepts(k)).collect(),
+        // Right prefix and length for the keyed format, a tag made without the secret.
+        "keygate_reject_forged_keyed" => (0..KEYS).map(|i| format!("kb_{i:0>33}")).collect(),
         _ => (0..KEYS).map(key).collect(),
     }
 }
 
 /// The status a variant answers its keys with.
 pub fn expected_status(variant: &str) -> u16 {
-    if variant == "keygate_reject_forged" {
+    if variant.starts_with("keygate_reject_forged") {
         401
     } else {
         200
