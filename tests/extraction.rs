@@ -26,6 +26,23 @@ async fn setup(
     (serve_axum(app).await, key, counting)
 }
 
+/// The same gate in front of a plain hyper service (no axum), which echoes the key id it got.
+async fn setup_hyper(
+    configure: impl FnOnce(keygate::ApiKeyLayerBuilder) -> keygate::ApiKeyLayerBuilder,
+) -> (SocketAddr, String, Counting<LocalVerifier>) {
+    let verifier = LocalVerifier::in_memory();
+    let key = verifier.create(KeyFacts::new("k1")).await.unwrap().key.expose_secret().to_owned();
+    let counting = Counting::new(verifier);
+    let layer = configure(ApiKeyLayer::builder(counting.clone())).build().unwrap();
+    let inner = tower::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+        let id = req.extensions().get::<VerifiedKey>().map_or("-".into(), |k| k.id().to_owned());
+        let seen = ["authorization", "x-api-key"].iter().any(|h| req.headers().contains_key(*h));
+        let body = format!("{id}|{seen}|{}", req.uri().query().unwrap_or(""));
+        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::from(body))))
+    });
+    (serve_hyper(tower::ServiceBuilder::new().layer(layer).service(inner)).await, key, counting)
+}
+
 #[tokio::test]
 async fn default_sources_accept_bearer_and_x_api_key() {
     let (addr, key, _) = setup(|b| b).await;
@@ -60,7 +77,16 @@ async fn opt_in_sources_and_hiding() {
 
 #[tokio::test]
 async fn bad_keys_are_refused_before_the_verifier() {
-    let (addr, key, counting) = setup(|b| b.key_format(KeyFormat::checksummed("kg_").unwrap())).await;
+    let format = || KeyFormat::checksummed("kg_").unwrap();
+    // Behind axum, and behind a plain hyper service: the rules are the gate's, not the router's.
+    for (addr, key, counting) in
+        [setup(|b| b.key_format(format())).await, setup_hyper(|b| b.key_format(format())).await]
+    {
+        bad_keys_against(addr, key, counting).await;
+    }
+}
+
+async fn bad_keys_against(addr: SocketAddr, key: String, counting: Counting<LocalVerifier>) {
     let bearer = format!("Bearer {key}");
     type Headers = Vec<(&'static str, Vec<u8>)>;
     let cases: Vec<(&str, Headers, u16, &str)> = vec![
