@@ -15,13 +15,20 @@ async fn echo(key: Option<VerifiedKey>, headers: HeaderMap, uri: http::Uri) -> S
     format!("{}|{}|{}", key.map_or("-".into(), |k| k.id().to_owned()), seen, uri.query().unwrap_or(""))
 }
 
-async fn setup(
+/// A verifier holding key `k1`, counting its calls, and the layer over it.
+async fn gate(
     configure: impl FnOnce(keygate::ApiKeyLayerBuilder) -> keygate::ApiKeyLayerBuilder,
-) -> (SocketAddr, String, Counting<LocalVerifier>) {
+) -> (ApiKeyLayer, String, Counting<LocalVerifier>) {
     let verifier = LocalVerifier::in_memory();
     let key = verifier.create(KeyFacts::new("k1")).await.unwrap().key.expose_secret().to_owned();
     let counting = Counting::new(verifier);
-    let layer = configure(ApiKeyLayer::builder(counting.clone())).build().unwrap();
+    (configure(ApiKeyLayer::builder(counting.clone())).build().unwrap(), key, counting)
+}
+
+async fn setup(
+    configure: impl FnOnce(keygate::ApiKeyLayerBuilder) -> keygate::ApiKeyLayerBuilder,
+) -> (SocketAddr, String, Counting<LocalVerifier>) {
+    let (layer, key, counting) = gate(configure).await;
     let app = Router::new().route("/x", get(echo)).layer(layer);
     (serve_axum(app).await, key, counting)
 }
@@ -30,10 +37,7 @@ async fn setup(
 async fn setup_hyper(
     configure: impl FnOnce(keygate::ApiKeyLayerBuilder) -> keygate::ApiKeyLayerBuilder,
 ) -> (SocketAddr, String, Counting<LocalVerifier>) {
-    let verifier = LocalVerifier::in_memory();
-    let key = verifier.create(KeyFacts::new("k1")).await.unwrap().key.expose_secret().to_owned();
-    let counting = Counting::new(verifier);
-    let layer = configure(ApiKeyLayer::builder(counting.clone())).build().unwrap();
+    let (layer, key, counting) = gate(configure).await;
     let inner = tower::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
         let id = req.extensions().get::<VerifiedKey>().map_or("-".into(), |k| k.id().to_owned());
         let seen = ["authorization", "x-api-key"].iter().any(|h| req.headers().contains_key(*h));

@@ -13,29 +13,8 @@ use keygate::cache::CacheConfig;
 use keygate::verify::oneloop::OneloopVerifier;
 use keygate::{ApiKeyLayer, ScopeMap};
 use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tower::ServiceExt;
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn lines(&self, level: &str) -> Vec<String> {
-        let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
-        text.lines().filter(|l| l.contains(level)).map(str::to_owned).collect()
-    }
-}
 
 async fn call(app: &Router, key: &str) -> StatusCode {
     let req = Request::get("/v1/items").header("x-api-key", key).body(Body::empty()).unwrap();
@@ -44,14 +23,7 @@ async fn call(app: &Router, key: &str) -> StatusCode {
 
 #[tokio::test] // current-thread: everything logs through this test's subscriber
 async fn an_outage_logs_its_state_changes_not_every_request() {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = common::Captured::start(tracing::Level::DEBUG);
 
     let (addr, fake) = start().await;
     fake.add("warm", answer("key_warm", &["items:read"]));

@@ -8,21 +8,6 @@ use common::*;
 use keygate::store::{KeyFile, MemoryStore, StoredKey};
 use keygate::verify::VerifyRequest;
 use keygate::*;
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// A sink that asks for raw keys, so the request context holds one.
 struct KeepsKeys;
@@ -41,14 +26,7 @@ fn secret_part(key: &str) -> &str {
 
 #[tokio::test] // current-thread: the server's tasks log through this test's subscriber
 async fn no_key_in_logs_debug_or_bodies() {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = Captured::start(tracing::Level::TRACE);
 
     let verifier = LocalVerifier::in_memory();
     let created = verifier.create(KeyFacts::new("k1").with_scopes(["items:read".parse().unwrap()])).await.unwrap();
@@ -102,7 +80,7 @@ async fn no_key_in_logs_debug_or_bodies() {
     .join("\n");
 
     drop(_guard);
-    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let logs = logs.text();
     assert!(logs.contains("keygate: refused"), "the test must see the gate's logs:\n{logs}");
     assert!(bodies.contains("UsageHandle"), "the handler's Debug output must be in the bodies:\n{bodies}");
     for (what, text) in [("logs", &logs), ("debug", &debug), ("bodies", &bodies)] {

@@ -165,3 +165,43 @@ impl Verifier for Fixed {
         Box::pin(async move { Ok(v) })
     }
 }
+
+/// Log lines captured from a `tracing` subscriber set for the current thread.
+#[derive(Clone, Default)]
+pub struct Captured(pub Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// Captures everything at `level` and above on this thread until the guard drops (use a
+    /// current-thread runtime so the server's tasks log here too).
+    pub fn start(level: tracing::Level) -> (Self, tracing::subscriber::DefaultGuard) {
+        let logs = Self::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// The lines that contain `needle` (such as `" WARN "`).
+    pub fn lines(&self, needle: &str) -> Vec<String> {
+        self.text().lines().filter(|l| l.contains(needle)).map(str::to_owned).collect()
+    }
+}
