@@ -3,6 +3,9 @@
 //!
 //! `cargo bench --all-features --bench hot_path`
 
+// criterion's macros generate an undocumented `main`.
+#![allow(missing_docs)]
+
 mod support;
 
 use axum::body::Body;

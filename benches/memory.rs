@@ -6,6 +6,9 @@
 //! Each figure is measured in a fresh child process: resident set after filling the structure,
 //! minus before, divided by the number of keys.
 
+// criterion's macros generate an undocumented `main`.
+#![allow(missing_docs)]
+
 mod support;
 
 use keygate::cache::{CacheConfig, CachedVerifier};

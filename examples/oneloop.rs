@@ -7,7 +7,7 @@
 
 mod demo_api;
 
-use keygate::verify::oneloop::{OneloopVerifier, DEFAULT_BASE_URL};
+use keygate::oneloop::{OneloopVerifier, DEFAULT_BASE_URL};
 use keygate::ApiKeyLayer;
 
 #[tokio::main]

@@ -1,7 +1,7 @@
 //! A circuit breaker for a remote verifier: after repeated failures it stops calling for a
 //! cool-down, then lets one probe through; the probe's outcome closes or re-opens it.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// When the breaker opens and how long it stays open.
@@ -26,12 +26,14 @@ impl Default for BreakerConfig {
 
 impl BreakerConfig {
     /// Consecutive failures that open the breaker (default 5; 0 never opens it).
+    #[must_use]
     pub fn failure_threshold(mut self, n: u32) -> Self {
         self.failure_threshold = n;
         self
     }
 
     /// How long it stays open before one probe is let through (default 5 s; at most an hour).
+    #[must_use]
     pub fn cool_down(mut self, d: Duration) -> Self {
         self.cool_down = d.min(Duration::from_secs(3600));
         self
@@ -89,7 +91,7 @@ impl Breaker {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::lock::lock(&self.state)
     }
 }
 

@@ -1,33 +1,19 @@
 //! What a handler learns about the caller: [`VerifiedKey`], put in the request's extensions by the
 //! gate, and an axum extractor for it (feature `axum`).
 
+use crate::facts::{KeyFacts, Metadata};
 use crate::limit::{most_restrictive, LimitState};
 use crate::reject::{Rejection, Responder};
 use crate::scope::Scope;
 use crate::usage::UsageHandle;
-use crate::verify::{KeyFacts, Metadata};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-/// The verified key of a request: its id, scopes, metadata, customer and expiry. Never the key.
-///
-/// With the `axum` feature it is an extractor: `VerifiedKey` refuses a request that has none with
-/// the layer's responder (`401` by default; optional mode lets keyless requests that far), or with
-/// `500` on a route no layer covers (a wiring error); `Option<VerifiedKey>` gives `None`.
-///
-/// ```
-/// use axum::{routing::get, Router};
-/// use keygate::VerifiedKey;
-///
-/// async fn whoami(key: VerifiedKey) -> String {
-///     format!("key {} of customer {:?}", key.id(), key.customer_id())
-/// }
-/// async fn maybe(key: Option<VerifiedKey>) -> &'static str {
-///     if key.is_some() { "hello, member" } else { "hello, guest" }
-/// }
-/// let app: Router = Router::new().route("/whoami", get(whoami)).route("/hello", get(maybe));
-/// # let _ = app;
-/// ```
+#[cfg_attr(feature = "axum", doc = include_str!("../docs/verified_key.md"))]
+#[cfg_attr(
+    not(feature = "axum"),
+    doc = "The verified key of a request: its id, scopes, metadata, customer and expiry. Never the key. With the `axum` feature it is also an extractor."
+)]
 #[derive(Clone)]
 pub struct VerifiedKey {
     facts: Arc<KeyFacts>,
@@ -74,18 +60,15 @@ pub(crate) fn refuse_after_gate(extensions: &http::Extensions, rejection: &Rejec
 }
 
 impl VerifiedKey {
-    pub(crate) fn new(facts: Arc<KeyFacts>, stale: bool) -> Self {
-        let usage = UsageHandle::none();
-        Self { facts, stale, fail_open: false, rate_limits: Vec::new(), usage, responder: None }
-    }
-
-    pub(crate) fn set_responder(&mut self, responder: &Arc<dyn Responder>) {
-        self.responder = Some(Arc::clone(responder));
+    /// A verified key that refuses (in its extractor and `require`) through `responder`.
+    pub(crate) fn new(facts: Arc<KeyFacts>, stale: bool, responder: &Arc<dyn Responder>) -> Self {
+        let (usage, responder) = (UsageHandle::none(), Some(Arc::clone(responder)));
+        Self { facts, stale, fail_open: false, rate_limits: Vec::new(), usage, responder }
     }
 
     /// A request let through unverified because the verifier failed and the layer fails open.
-    pub(crate) fn fail_open() -> Self {
-        Self { fail_open: true, ..Self::new(Arc::default(), false) }
+    pub(crate) fn fail_open(responder: &Arc<dyn Responder>) -> Self {
+        Self { fail_open: true, ..Self::new(Arc::default(), false, responder) }
     }
 
     pub(crate) fn set_usage(&mut self, usage: UsageHandle) {
@@ -97,62 +80,74 @@ impl VerifiedKey {
     }
 
     /// The state of every rate limit this request passed.
+    #[must_use]
     pub fn rate_limits(&self) -> &[LimitState] {
         &self.rate_limits
     }
 
     /// The rate limit closest to refusing (fewest requests left), if any applied.
+    #[must_use]
     pub fn rate_limit(&self) -> Option<&LimitState> {
         most_restrictive(&self.rate_limits)
     }
 
     /// Adds usage to this key after the fact; see [`UsageHandle`].
+    #[must_use]
     pub fn usage(&self) -> &UsageHandle {
         &self.usage
     }
 
     /// Whether the request was let in *without* verification, because the verifier could not
     /// answer and the layer was configured to fail open. Such a key has no id, scopes or metadata.
+    #[must_use]
     pub fn is_fail_open(&self) -> bool {
         self.fail_open
     }
 
     /// Whether the answer was served stale from the cache while the verifier failed.
+    #[must_use]
     pub fn is_stale(&self) -> bool {
         self.stale
     }
 
     /// The key's id.
+    #[must_use]
     pub fn id(&self) -> &str {
         &self.facts.id
     }
 
     /// The key's name, if it has one.
+    #[must_use]
     pub fn name(&self) -> Option<&str> {
         self.facts.name.as_deref()
     }
 
     /// The scopes the key holds.
+    #[must_use]
     pub fn scopes(&self) -> &[Scope] {
         &self.facts.scopes
     }
 
     /// The key's metadata.
+    #[must_use]
     pub fn metadata(&self) -> &Metadata {
         &self.facts.metadata
     }
 
     /// The customer the key belongs to.
+    #[must_use]
     pub fn customer_id(&self) -> Option<&str> {
         self.facts.customer_id.as_deref()
     }
 
     /// When the key expires, if ever.
+    #[must_use]
     pub fn expires_at(&self) -> Option<SystemTime> {
         self.facts.expires_at
     }
 
     /// All the facts, shared with the cache.
+    #[must_use]
     pub fn facts(&self) -> &Arc<KeyFacts> {
         &self.facts
     }

@@ -15,18 +15,7 @@ use http::{Request, Uri};
 use percent_encoding::percent_decode_str;
 use std::borrow::Cow;
 
-/// A place in the request where a key may be.
-///
-/// ```
-/// use keygate::KeySource;
-/// use http::HeaderName;
-/// let sources = [
-///     KeySource::Bearer,
-///     KeySource::Header(HeaderName::from_static("x-api-key")),
-///     KeySource::Query("api_key".into()),
-/// ];
-/// # let _ = sources;
-/// ```
+#[doc = include_str!("../docs/key_source.md")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum KeySource {
@@ -41,11 +30,13 @@ pub enum KeySource {
 
 impl KeySource {
     /// The `X-API-Key` header.
+    #[must_use]
     pub fn x_api_key() -> Self {
         Self::Header(HeaderName::from_static("x-api-key"))
     }
 
     /// The defaults: `Authorization: Bearer` and `X-API-Key`.
+    #[must_use]
     pub fn defaults() -> Vec<Self> {
         vec![Self::Bearer, Self::x_api_key()]
     }
@@ -67,6 +58,7 @@ pub(crate) struct Extractor {
 
 impl Extractor {
     /// Finds the one key in the request; `Ok(None)` when there is none.
+    #[inline]
     pub(crate) fn extract<'a, B>(&self, req: &'a Request<B>) -> Result<Option<Found<'a>>, Rejection> {
         let mut found: Option<Found<'a>> = None;
         for (source, i) in self.sources.iter().zip(0..) {

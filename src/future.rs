@@ -1,10 +1,10 @@
 //! [`ResponseFuture`]: the inner service's future, a ready rejection, or a verification in flight.
 
 use crate::body::ResponseBody;
+use crate::boxed::BoxFuture;
 use crate::gate::{Gate, Passed};
 use crate::limit::RateLimitHeaders;
 use crate::reject::Rejection;
-use crate::verify::BoxFuture;
 use bytes::Bytes;
 use http::{Request, Response};
 use pin_project_lite::pin_project;

@@ -24,16 +24,19 @@ impl ApiKey {
     }
 
     /// The raw key. Call this only to hand the key to a verifier or to show it once to its owner.
+    #[must_use]
     pub fn expose_secret(&self) -> &str {
         &self.0
     }
 
     /// The SHA-256 digest of the key: what caches and stores keep instead of the key.
+    #[must_use]
     pub fn digest(&self) -> KeyDigest {
         KeyDigest::of(&self.0)
     }
 
     /// A prefix that is safe to log: at most 4 characters and at most a quarter of the key.
+    #[must_use]
     pub fn redacted(&self) -> Redacted<'_> {
         Redacted(&self.0)
     }
@@ -51,6 +54,7 @@ pub struct Redacted<'a>(&'a str);
 
 impl<'a> Redacted<'a> {
     /// Redacts a raw key held as a string.
+    #[must_use]
     pub fn of(key: &'a str) -> Self {
         Self(key)
     }
@@ -86,16 +90,19 @@ pub struct KeyDigest([u8; 32]);
 
 impl KeyDigest {
     /// Hashes a raw key.
+    #[must_use]
     pub fn of(key: &str) -> Self {
         Self(Sha256::digest(key.as_bytes()).into())
     }
 
     /// The digest's bytes.
+    #[must_use]
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
 
     /// Builds a digest from its bytes.
+    #[must_use]
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
         Self(bytes)
     }
@@ -176,6 +183,7 @@ pub struct PresentedKey<'a> {
 
 impl<'a> PresentedKey<'a> {
     /// Wraps a raw key.
+    #[must_use]
     pub fn new(raw: &'a str) -> Self {
         Self { raw, digest: Default::default(), fingerprint: Default::default() }
     }
@@ -245,28 +253,7 @@ const CHECKSUM_LEN: usize = 6;
 /// 11 base62 characters hold a 64-bit tag (62^11 > 2^64).
 const TAG_LEN: usize = 11;
 
-/// What a well-formed key looks like, checked before any verifier is asked.
-///
-/// - [`KeyFormat::checksummed`]: a CRC-32 over the key. It catches every typo and lets secret
-///   scanners recognise keys, but anyone can compute a CRC: a key forged offline passes it. It is
-///   not a secret; the key's 130 random bits are.
-/// - [`KeyFormat::keyed`]: a 64-bit tag under a server secret ([`KeySecret`]), so a key forged
-///   without the secret fails the check (1 in 2^64 guesses passes) and costs no lookup. Several
-///   secrets may be listed, newest first, for rotation.
-///
-/// ```
-/// use keygate::{KeyFormat, KeySecret};
-/// let format = KeyFormat::checksummed("kg_").unwrap();
-/// let key = format.generate().unwrap();
-/// assert!(format.accepts(key.expose_secret()));
-/// assert!(!format.accepts("kg_0000000000000000000000000000"));
-/// assert!(KeyFormat::Any.accepts("anything-visible"));
-///
-/// let keyed = KeyFormat::keyed("kg_", [KeySecret::new(b"sixteen or more bytes of secret").unwrap()]).unwrap();
-/// let key = keyed.generate().unwrap();
-/// assert!(keyed.accepts(key.expose_secret()));
-/// assert!(!keyed.accepts(KeyFormat::checksummed("kg_").unwrap().generate().unwrap().expose_secret()));
-/// ```
+#[doc = include_str!("../docs/key_format.md")]
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum KeyFormat {
@@ -305,8 +292,8 @@ impl KeySecret {
         use sha2::Digest;
         match bytes.len() {
             0..=15 => Err(InvalidSecret),
-            16 => Ok(Self(bytes.try_into().expect("16 bytes"))),
-            _ => Ok(Self(sha2::Sha256::digest(bytes)[..16].try_into().expect("16 bytes"))),
+            16 => Ok(Self(first_16(bytes))),
+            _ => Ok(Self(first_16(&sha2::Sha256::digest(bytes)))),
         }
     }
 
@@ -314,9 +301,9 @@ impl KeySecret {
     ///
     /// # Errors
     /// When the OS random source fails.
-    pub fn generate() -> Result<Self, getrandom::Error> {
+    pub fn generate() -> Result<Self, RandomnessError> {
         let mut bytes = [0u8; 16];
-        getrandom::fill(&mut bytes)?;
+        fill_random(&mut bytes)?;
         Ok(Self(bytes))
     }
 
@@ -391,6 +378,7 @@ impl KeyFormat {
 
     /// Whether a presented key has this format. Cheap: no allocation; one CRC-32, or one SipHash per
     /// secret listed.
+    #[must_use]
     pub fn accepts(&self, key: &str) -> bool {
         match self {
             Self::Any => true,
@@ -419,13 +407,13 @@ impl KeyFormat {
     ///
     /// # Errors
     /// When the OS random source fails.
-    pub fn generate(&self) -> Result<ApiKey, getrandom::Error> {
+    pub fn generate(&self) -> Result<ApiKey, RandomnessError> {
         let prefix = match self {
             Self::Any => "kg_",
             Self::Checksummed { prefix } | Self::Keyed { prefix, .. } => prefix,
         };
         let mut random = [0u8; RANDOM_LEN];
-        getrandom::fill(&mut random)?;
+        fill_random(&mut random)?;
         let mut key = String::with_capacity(prefix.len() + RANDOM_LEN + TAG_LEN);
         key.push_str(prefix);
         // 256 % 62 != 0, so plain `b % 62` is biased; rejection sampling keeps every symbol equally
@@ -433,7 +421,7 @@ impl KeyFormat {
         for slot in random.iter_mut() {
             while *slot >= 248 {
                 let mut b = [0u8; 1];
-                getrandom::fill(&mut b)?;
+                fill_random(&mut b)?;
                 *slot = b[0];
             }
             key.push(BASE62[(*slot % 62) as usize] as char);
@@ -515,4 +503,29 @@ mod tests {
         assert_eq!(Redacted::of("kg_abcdefghijklmnopqrstuvwxyz").to_string(), "kg_a…");
         assert_eq!(Redacted::of("aéééé").to_string(), "a…"); // never cuts inside a character
     }
+}
+
+/// The operating system's random source failed, so no key or secret could be generated. Keys are
+/// never generated from a weaker source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RandomnessError(String);
+
+impl fmt::Display for RandomnessError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the OS random source failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for RandomnessError {}
+
+/// The first 16 of at least 16 bytes.
+fn first_16(bytes: &[u8]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&bytes[..16]);
+    out
+}
+
+/// Fills `bytes` from the OS random source.
+fn fill_random(bytes: &mut [u8]) -> Result<(), RandomnessError> {
+    getrandom::fill(bytes).map_err(|e| RandomnessError(e.to_string()))
 }

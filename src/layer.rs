@@ -1,14 +1,15 @@
 //! [`ApiKeyLayer`] and its builder.
 
+use crate::build_error::{BuildError, KEY_LEN_CEILING};
 use crate::extract::{Extractor, KeySource};
-use crate::gate::Gate;
+use crate::gate::{Decide, Enforce, Gate, Intake, Refusals, Unverifiable};
 use crate::key::KeyFormat;
 use crate::limit::{HeaderStyle, Limiter, MemoryLimiter, RateLimit};
 use crate::outage::Outage;
 use crate::reject::{ProblemJson, Responder};
-use crate::scope::ScopeMap;
+use crate::route::RouteTable;
 use crate::service::ApiKeyService;
-use crate::usage::{Meter, UsageSink};
+use crate::usage::{Metering, UsageSink};
 use crate::verify::Verifier;
 use std::fmt;
 use std::sync::Arc;
@@ -17,28 +18,10 @@ use tower_layer::Layer;
 
 /// The longest key accepted by default, in bytes.
 pub const DEFAULT_MAX_KEY_LEN: usize = 256;
-/// The most a key may be configured to be, in bytes.
-pub const MAX_MAX_KEY_LEN: usize = 4096;
 /// The longest `Retry-After` a `503` may ask for: a day.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 
-/// Gates a service by API key. Cloning it shares one verifier, one cache and one set of counters.
-///
-/// ```
-/// use axum::{routing::get, Router};
-/// use keygate::{ApiKeyLayer, LocalVerifier, ScopeMap};
-///
-/// let verifier = LocalVerifier::in_memory();
-/// let layer = ApiKeyLayer::builder(verifier.clone())
-///     .routes(ScopeMap::new().public("/health").route("/v1/items", "items"))
-///     .build()
-///     .expect("valid configuration");
-/// let app: Router = Router::new()
-///     .route("/health", get(|| async { "ok" }))
-///     .route("/v1/items", get(|| async { "[]" }))
-///     .layer(layer);
-/// # let _ = app;
-/// ```
+#[doc = include_str!("../docs/api_key_layer.md")]
 #[derive(Clone)]
 pub struct ApiKeyLayer {
     gate: Arc<Gate>,
@@ -48,6 +31,9 @@ impl ApiKeyLayer {
     /// A layer with the defaults: keys from `Authorization: Bearer` or `X-API-Key`, at most 256
     /// bytes, any format, no route table (any valid key passes), credentials hidden from the inner
     /// service, problem+json rejections.
+    ///
+    /// # Panics
+    /// Never: the defaults are a valid configuration (tested).
     pub fn new(verifier: impl Verifier) -> Self {
         Self::builder(verifier).build().expect("the default configuration is valid")
     }
@@ -59,7 +45,7 @@ impl ApiKeyLayer {
             sources: KeySource::defaults(),
             max_key_len: DEFAULT_MAX_KEY_LEN,
             format: KeyFormat::Any,
-            routes: ScopeMap::new(),
+            routes: RouteTable::new(),
             hide_credentials: true,
             optional: false,
             allow_preflight: false,
@@ -78,8 +64,9 @@ impl ApiKeyLayer {
     /// How many requests were let through unverified because of [`fail_open`].
     ///
     /// [`fail_open`]: ApiKeyLayerBuilder::fail_open
+    #[must_use]
     pub fn fail_open_count(&self) -> u64 {
-        self.gate.fail_open_count.load(std::sync::atomic::Ordering::Relaxed)
+        self.gate.unverifiable.fail_open_count.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -95,26 +82,25 @@ impl fmt::Debug for ApiKeyLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let g = &self.gate;
         f.debug_struct("ApiKeyLayer")
-            .field("sources", &g.extractor.sources)
-            .field("max_key_len", &g.extractor.max_key_len)
-            .field("format", &g.format)
+            .field("sources", &g.intake.extractor.sources)
+            .field("max_key_len", &g.intake.extractor.max_key_len)
+            .field("format", &g.intake.format)
             .field("routes", &g.routes)
-            .field("hide_credentials", &g.hide_credentials)
-            .field("optional", &g.optional)
-            .field("allow_preflight", &g.allow_preflight)
-            .field("fail_open", &g.fail_open)
+            .field("hide_credentials", &g.intake.hide_credentials)
+            .field("optional", &g.intake.optional)
+            .field("allow_preflight", &g.intake.allow_preflight)
+            .field("fail_open", &g.unverifiable.fail_open)
             .finish_non_exhaustive()
     }
 }
 
-/// Configures an [`ApiKeyLayer`]. Every setting has a default; [`build`](Self::build) checks them
-/// together and says what is wrong.
+#[doc = include_str!("../docs/builder.md")]
 pub struct ApiKeyLayerBuilder {
     verifier: Arc<dyn Verifier>,
     sources: Vec<KeySource>,
     max_key_len: usize,
     format: KeyFormat,
-    routes: ScopeMap,
+    routes: RouteTable,
     hide_credentials: bool,
     optional: bool,
     allow_preflight: bool,
@@ -132,6 +118,7 @@ pub struct ApiKeyLayerBuilder {
 impl ApiKeyLayerBuilder {
     /// Where keys are looked for, replacing the defaults (`Bearer`, `X-API-Key`). A request with a
     /// key in more than one of them is refused with `400`.
+    #[must_use]
     pub fn sources(mut self, sources: impl IntoIterator<Item = KeySource>) -> Self {
         self.sources = sources.into_iter().collect();
         self
@@ -139,6 +126,7 @@ impl ApiKeyLayerBuilder {
 
     /// The longest key accepted, in bytes (default 256, at most 4096). Longer keys are refused
     /// before any hashing or lookup.
+    #[must_use]
     pub fn max_key_len(mut self, bytes: usize) -> Self {
         self.max_key_len = bytes;
         self
@@ -146,6 +134,7 @@ impl ApiKeyLayerBuilder {
 
     /// The shape keys must have; others are refused as invalid before any lookup (default:
     /// [`KeyFormat::Any`]).
+    #[must_use]
     pub fn key_format(mut self, format: KeyFormat) -> Self {
         self.format = format;
         self
@@ -153,7 +142,8 @@ impl ApiKeyLayerBuilder {
 
     /// The route table: templates to representations, public routes, and the policy for routes
     /// not in it.
-    pub fn routes(mut self, routes: ScopeMap) -> Self {
+    #[must_use]
+    pub fn routes(mut self, routes: RouteTable) -> Self {
         self.routes = routes;
         self
     }
@@ -161,6 +151,7 @@ impl ApiKeyLayerBuilder {
     /// Whether the key's header (or query parameter) is removed before the inner service sees the
     /// request (default `true`), like Kong's `hide_credentials`. Handlers get a
     /// [`VerifiedKey`](crate::VerifiedKey) instead.
+    #[must_use]
     pub fn hide_credentials(mut self, hide: bool) -> Self {
         self.hide_credentials = hide;
         self
@@ -169,6 +160,7 @@ impl ApiKeyLayerBuilder {
     /// Optional mode (default off): a request with no key passes without a
     /// [`VerifiedKey`](crate::VerifiedKey), whatever its route; a request with a key is still
     /// verified and refused if the key is bad. Handlers decide with `Option<VerifiedKey>`.
+    #[must_use]
     pub fn optional(mut self, optional: bool) -> Self {
         self.optional = optional;
         self
@@ -176,12 +168,14 @@ impl ApiKeyLayerBuilder {
 
     /// Whether CORS preflights (`OPTIONS` with `Access-Control-Request-Method`) pass without a key
     /// (default `false`). Turn it on when a CORS layer answers them inside this one.
+    #[must_use]
     pub fn allow_preflight(mut self, allow: bool) -> Self {
         self.allow_preflight = allow;
         self
     }
 
     /// What rejections look like (default [`ProblemJson`]).
+    #[must_use]
     pub fn responder(mut self, responder: impl Responder) -> Self {
         self.responder = Arc::new(responder);
         self
@@ -189,6 +183,7 @@ impl ApiKeyLayerBuilder {
 
     /// The `Retry-After` of a `503` when the verifier cannot answer (default 1 s; zero is sent as
     /// 1 s; more than a day is refused by [`build`](Self::build)).
+    #[must_use]
     pub fn unavailable_retry_after(mut self, after: Duration) -> Self {
         self.unavailable_retry_after = after;
         self
@@ -199,12 +194,14 @@ impl ApiKeyLayerBuilder {
     /// [`VerifiedKey`](crate::VerifiedKey) whose [`is_fail_open`](crate::VerifiedKey::is_fail_open)
     /// is true (and no id or scopes), and are counted by [`ApiKeyLayer::fail_open_count`]. Only for
     /// APIs where availability matters more than access control.
+    #[must_use]
     pub fn fail_open(mut self, fail_open: bool) -> Self {
         self.fail_open = fail_open;
         self
     }
 
     /// A rate limit on every gated request, per key (on top of route and key limits).
+    #[must_use]
     pub fn rate_limit(mut self, limit: RateLimit) -> Self {
         self.limits.push(limit);
         self
@@ -212,6 +209,7 @@ impl ApiKeyLayerBuilder {
 
     /// Where rate-limit and usage counters live (default: a [`MemoryLimiter`] per layer; a
     /// `RedisLimiter` shares them between instances).
+    #[must_use]
     pub fn limiter(mut self, limiter: impl Limiter) -> Self {
         self.limiter = Some(Arc::new(limiter));
         self
@@ -219,6 +217,7 @@ impl ApiKeyLayerBuilder {
 
     /// Reads a key's own rate limit from this metadata field, written `100/60s`, `100/s`, `100/min`
     /// or `100/h`. Unreadable values are ignored.
+    #[must_use]
     pub fn rate_limit_from_metadata(mut self, field: &str) -> Self {
         self.metadata_limit = Some(field.to_owned());
         self
@@ -226,24 +225,32 @@ impl ApiKeyLayerBuilder {
 
     /// Which rate-limit headers responses carry (default: the IETF `RateLimit` and
     /// `RateLimit-Policy`).
+    #[must_use]
     pub fn rate_limit_headers(mut self, style: HeaderStyle) -> Self {
         self.header_style = style;
         self
     }
 
-    /// Where usage is reported, such as a Oneloop [`UsageBatcher`](crate::usage::UsageBatcher).
+    /// Where usage is reported, such as a Oneloop [`UsageBatcher`](crate::oneloop::UsageBatcher).
+    #[must_use]
     pub fn usage_sink(mut self, sink: impl UsageSink) -> Self {
         self.sink = Some(Arc::new(sink));
         self
     }
 
     /// Answer a spent usage allowance with `402 Payment Required` instead of `429`.
+    #[must_use]
     pub fn usage_limit_payment_required(mut self, yes: bool) -> Self {
         self.usage_payment_required = yes;
         self
     }
 
     /// Checks the configuration and builds the layer.
+    ///
+    /// # Errors
+    /// [`BuildError`] naming the first setting that is not valid: no key source or one listed twice,
+    /// an unusable query parameter name, `max_key_len` outside 1..=[`KEY_LEN_CEILING`](crate::KEY_LEN_CEILING),
+    /// `unavailable_retry_after` over a day, or a route template the table refused.
     pub fn build(mut self) -> Result<ApiKeyLayer, BuildError> {
         if let Some(error) = self.routes.take_error() {
             return Err(error);
@@ -261,37 +268,48 @@ impl ApiKeyLayerBuilder {
                 }
             }
         }
-        if !(1..=MAX_MAX_KEY_LEN).contains(&self.max_key_len) {
+        if !(1..=KEY_LEN_CEILING).contains(&self.max_key_len) {
             return Err(BuildError::MaxKeyLen(self.max_key_len));
         }
         if self.unavailable_retry_after > MAX_RETRY_AFTER {
             return Err(BuildError::RetryAfter(self.unavailable_retry_after));
         }
-        let gate = Gate {
-            verifier: self.verifier,
-            extractor: Extractor { sources: self.sources.into(), max_key_len: self.max_key_len },
-            format: self.format,
-            routes: self.routes,
-            hide_credentials: self.hide_credentials,
-            optional: self.optional,
-            allow_preflight: self.allow_preflight,
-            responder: self.responder,
-            unavailable_retry_after: self.unavailable_retry_after,
-            fail_open: self.fail_open,
-            fail_open_count: Default::default(),
-            limits: self.limits,
-            metadata_limit: self.metadata_limit,
-            header_style: self.header_style,
-            meter: Arc::new(Meter {
-                limiter: self.limiter.unwrap_or_else(|| Arc::new(MemoryLimiter::new())),
-                sink: self.sink,
-            }),
+        let fail_open = self.fail_open;
+        let refusals = Refusals {
             usage_payment_required: self.usage_payment_required,
-            verifier_outage: Outage::new(
-                "the verifier",
-                if self.fail_open { "failing OPEN: requests pass unverified" } else { "refusing with 503" },
-            ),
-            limiter_outage: Outage::new("the rate limiter", "refusing with 503"),
+            unavailable_retry_after: self.unavailable_retry_after,
+        };
+        let gate = Gate {
+            intake: Intake {
+                extractor: Extractor { sources: self.sources.into(), max_key_len: self.max_key_len },
+                format: self.format,
+                hide_credentials: self.hide_credentials,
+                optional: self.optional,
+                allow_preflight: self.allow_preflight,
+            },
+            routes: self.routes,
+            verifier: self.verifier,
+            unverifiable: Unverifiable {
+                fail_open,
+                fail_open_count: Default::default(),
+                outage: Outage::new(
+                    "the verifier",
+                    if fail_open { "failing OPEN: requests pass unverified" } else { "refusing with 503" },
+                ),
+            },
+            decide: Decide { refusals, responder: Arc::clone(&self.responder) },
+            enforce: Arc::new(Enforce {
+                limits: self.limits,
+                metadata_limit: self.metadata_limit,
+                metering: Arc::new(Metering {
+                    limiter: self.limiter.unwrap_or_else(|| Arc::new(MemoryLimiter::new())),
+                    sink: self.sink,
+                }),
+                header_style: self.header_style,
+                refusals,
+                outage: Outage::new("the rate limiter", "refusing with 503"),
+            }),
+            responder: self.responder,
         };
         Ok(ApiKeyLayer { gate: Arc::new(gate) })
     }
@@ -305,48 +323,3 @@ impl fmt::Debug for ApiKeyLayerBuilder {
             .finish_non_exhaustive()
     }
 }
-
-/// The layer's configuration is not valid.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum BuildError {
-    /// No key source was configured.
-    NoKeySource,
-    /// The same key source was configured twice.
-    DuplicateKeySource(String),
-    /// A query-parameter source has an empty or unusable name.
-    InvalidQueryParameter(String),
-    /// The key length cap is out of range.
-    MaxKeyLen(usize),
-    /// `unavailable_retry_after` is longer than a day.
-    RetryAfter(Duration),
-    /// A verifier's settings are not valid.
-    Verifier(String),
-    /// A route template could not be added to the table.
-    Route {
-        /// The template.
-        template: String,
-        /// Why.
-        reason: String,
-    },
-}
-
-impl fmt::Display for BuildError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::NoKeySource => {
-                f.write_str("no key source: configure at least one of Bearer, a header or a query parameter")
-            }
-            Self::DuplicateKeySource(s) => write!(f, "key source {s} is configured twice"),
-            Self::InvalidQueryParameter(name) => {
-                write!(f, "query parameter name {name:?} must be non-empty and free of `&=#?`")
-            }
-            Self::MaxKeyLen(n) => write!(f, "max_key_len is {n}; it must be between 1 and {MAX_MAX_KEY_LEN} bytes"),
-            Self::RetryAfter(d) => write!(f, "unavailable_retry_after is {d:?}; it must be at most a day"),
-            Self::Route { template, reason } => write!(f, "route {template:?}: {reason}"),
-            Self::Verifier(reason) => f.write_str(reason),
-        }
-    }
-}
-
-impl std::error::Error for BuildError {}

@@ -1,21 +1,32 @@
-#![doc = include_str!("../README.md")]
-#![deny(missing_docs)]
-#![forbid(unsafe_code)]
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![cfg_attr(feature = "axum", doc = include_str!("../README.md"))]
+#![cfg_attr(
+    not(feature = "axum"),
+    doc = "Tower middleware that gates HTTP APIs by API key. The guide (README.md) needs the `axum` feature for its examples; \
+           start at [`ApiKeyLayer`]."
+)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
+mod boxed;
 #[cfg(feature = "oneloop")]
 pub mod breaker;
+mod build_error;
 pub mod cache;
 mod context;
 mod extract;
+mod facts;
 mod future;
 mod gate;
 mod key;
 mod layer;
 pub mod limit;
+mod lock;
+#[cfg(feature = "oneloop")]
+pub mod oneloop;
 mod outage;
 mod reject;
+mod require;
+mod route;
 mod scope;
 mod service;
 pub mod store;
@@ -23,6 +34,8 @@ pub mod usage;
 pub mod verify;
 
 pub use body::ResponseBody;
+pub use boxed::BoxFuture;
+pub use build_error::{BuildError, KEY_LEN_CEILING};
 pub use context::VerifiedKey;
 #[cfg(feature = "axum")]
 pub use context::VerifiedKeyRejection;
@@ -30,14 +43,13 @@ pub use extract::KeySource;
 pub use future::ResponseFuture;
 pub use key::{
     ApiKey, Fingerprint, InvalidPrefix, InvalidSecret, KeyDigest, KeyFormat, KeySecret, ParseDigestError, PresentedKey,
-    Redacted,
+    RandomnessError, Redacted,
 };
-pub use layer::{ApiKeyLayer, ApiKeyLayerBuilder, BuildError, DEFAULT_MAX_KEY_LEN, MAX_MAX_KEY_LEN};
+pub use layer::{ApiKeyLayer, ApiKeyLayerBuilder, DEFAULT_MAX_KEY_LEN};
 pub use reject::{ProblemJson, Rejection, Responder};
-pub use scope::{
-    require, require_scope, Action, ParseScopeError, RequireLayer, RequireService, RequiredScope, RoutePolicy, Scope,
-    ScopeMap, Unmapped,
-};
+pub use require::{require, require_scope, RequireLayer, RequireService};
+pub use route::{RoutePolicy, RouteTable, Unmapped};
+pub use scope::{Action, ParseScopeError, RequiredScope, Scope};
 pub use service::ApiKeyService;
 pub use verify::local::CreatedKey;
 pub use verify::{KeyFacts, KeyStatus, LocalVerifier, Verification, Verifier, VerifyError, VerifyRequest};

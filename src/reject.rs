@@ -5,9 +5,9 @@
 //! `429`/`503`. Unknown, expired, disabled and deleted keys share one body, so a client cannot
 //! tell a revoked key from one that never existed.
 
-use crate::limit::RateLimit;
+use crate::facts::KeyStatus;
+use crate::limit::{retry_after_secs, RateLimit};
 use crate::scope::RequiredScope;
-use crate::verify::KeyStatus;
 use bytes::Bytes;
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
@@ -15,7 +15,7 @@ use std::fmt;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-/// Why the gate refused a request.
+#[doc = include_str!("../docs/rejections.md")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Rejection {
@@ -232,11 +232,6 @@ impl Rejection {
     }
 }
 
-/// Whole seconds, rounded up and at least 1, so a client that waits that long is never early.
-pub(crate) fn retry_after_secs(d: Duration) -> u64 {
-    d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0)).max(1)
-}
-
 fn quoted(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"")
 }
@@ -255,23 +250,7 @@ impl fmt::Display for Rejection {
 
 impl std::error::Error for Rejection {}
 
-/// Turns a [`Rejection`] into the response the client gets. The default is [`ProblemJson`]; any
-/// `Fn(&Rejection) -> Response<Bytes>` is a responder too.
-///
-/// ```
-/// use bytes::Bytes;
-/// use keygate::{ApiKeyLayer, LocalVerifier, Rejection};
-///
-/// let layer = ApiKeyLayer::builder(LocalVerifier::in_memory())
-///     .responder(|r: &Rejection| {
-///         let mut res = http::Response::new(Bytes::from_static(b"nope"));
-///         *res.status_mut() = r.status();
-///         res
-///     })
-///     .build()
-///     .unwrap();
-/// # let _ = layer;
-/// ```
+#[doc = include_str!("../docs/responder.md")]
 pub trait Responder: Send + Sync + 'static {
     /// The response for `rejection`.
     fn respond(&self, rejection: &Rejection) -> Response<Bytes>;
@@ -286,7 +265,7 @@ where
     }
 }
 
-/// The default responder: [`Rejection::to_response`].
+#[doc = include_str!("../docs/problem_json.md")]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProblemJson;
 

@@ -8,10 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tower_service::Service;
 
-/// Gates every request to `S` by API key. Made by [`ApiKeyLayer`](crate::ApiKeyLayer).
-///
-/// Its error type is `S::Error`: every refusal is a response, never an error, so axum needs no
-/// `HandleErrorLayer`.
+#[doc = include_str!("../docs/api_key_service.md")]
 #[derive(Clone)]
 pub struct ApiKeyService<S> {
     inner: S,

@@ -8,7 +8,7 @@ use axum::routing::get;
 use axum::Router;
 use http::{Request, StatusCode};
 use keygate::limit::{LimitRequest, Limiter, MemoryLimiter, RateLimit};
-use keygate::{ApiKeyLayer, KeyFacts, LocalVerifier, RoutePolicy, ScopeMap};
+use keygate::{ApiKeyLayer, KeyFacts, LocalVerifier, RoutePolicy, RouteTable};
 use std::time::Duration;
 use tower::ServiceExt;
 
@@ -44,7 +44,8 @@ async fn a_layer_limit_repeated_on_a_route_is_one_limit() {
     for limit in [5, 6] {
         let rl = RateLimit::per_minute("default", limit).unwrap();
         let (verifier, key) = key_with(KeyFacts::new("k").with_scopes(["x:*".parse().unwrap()])).await;
-        let routes = ScopeMap::new().route_with("/a", "x", RoutePolicy::new().rate_limit(rl.clone())).route("/b", "x");
+        let routes =
+            RouteTable::new().route_with("/a", "x", RoutePolicy::new().rate_limit(rl.clone())).route("/b", "x");
         let layer = ApiKeyLayer::builder(verifier).routes(routes).rate_limit(rl).build().unwrap();
         let app = app(layer);
         assert_eq!(passes(&app, "/a", &key, 30).await as u64, limit, "{limit}/min on /a");

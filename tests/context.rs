@@ -1,12 +1,13 @@
 //! What handlers see: the `VerifiedKey` extractor, optional mode, per-route `require`, CORS
 //! preflights, and key management taking effect on the next request.
+#![cfg(feature = "axum")]
 
 mod common;
 
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use common::*;
-use keygate::{require, require_scope, Action, ApiKeyLayer, KeyFacts, LocalVerifier, ScopeMap, VerifiedKey};
+use keygate::{require, require_scope, Action, ApiKeyLayer, KeyFacts, LocalVerifier, RouteTable, VerifiedKey};
 use serde_json::{json, Value};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -90,7 +91,7 @@ async fn per_route_annotations() {
 async fn route_layer_uses_matched_templates_and_leaves_404s_alone() {
     let verifier = LocalVerifier::in_memory();
     let key = verifier.create(KeyFacts::new("k").with_scopes(["items:read".parse().unwrap()])).await.unwrap().key;
-    let layer = ApiKeyLayer::builder(verifier).routes(ScopeMap::new().route("/items/{id}", "items")).build().unwrap();
+    let layer = ApiKeyLayer::builder(verifier).routes(RouteTable::new().route("/items/{id}", "items")).build().unwrap();
     let app = Router::new().route("/items/{id}", get(|| async { "item" })).route_layer(layer);
     let addr = serve_axum(app).await;
     let h = [("x-api-key", key.expose_secret().as_bytes())];
@@ -162,7 +163,7 @@ async fn keys_load_from_a_file() {
     )
     .unwrap();
     let verifier = LocalVerifier::from_key_file(&path).unwrap();
-    let layer = ApiKeyLayer::builder(verifier).routes(ScopeMap::new().route("/items", "items")).build().unwrap();
+    let layer = ApiKeyLayer::builder(verifier).routes(RouteTable::new().route("/items", "items")).build().unwrap();
     let addr = serve_axum(Router::new().route("/items", get(facts).post(facts)).layer(layer)).await;
     assert_eq!(fetch(addr, "/items", &[("x-api-key", b"dev-key-123")]).await.json()["id"], "dev");
     assert_eq!(request(addr, "POST", "/items", &[("x-api-key", b"dev-key-123")]).await.status, 403);

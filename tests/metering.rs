@@ -1,5 +1,5 @@
 //! Usage metering to Oneloop's record-usage, against the loopback Oneloop.
-#![cfg(feature = "oneloop")]
+#![cfg(all(feature = "oneloop", feature = "axum"))]
 
 mod common;
 
@@ -10,9 +10,10 @@ use bytes::Bytes;
 use common::oneloop::{answer, start, Behaviour, Fake, TOKEN};
 use http::{Request, StatusCode};
 use http_body::Frame;
-use keygate::usage::{BatchConfig, UsageBatcher, UsageHandle};
-use keygate::verify::oneloop::OneloopVerifier;
-use keygate::{ApiKeyLayer, RoutePolicy, ScopeMap, VerifiedKey};
+use keygate::oneloop::OneloopVerifier;
+use keygate::oneloop::{BatchConfig, UsageBatcher};
+use keygate::usage::UsageHandle;
+use keygate::{ApiKeyLayer, RoutePolicy, RouteTable, VerifiedKey};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -56,7 +57,7 @@ struct Setup {
 fn setup(addr: SocketAddr, config: BatchConfig) -> Setup {
     let oneloop = OneloopVerifier::builder(TOKEN).base_url(format!("http://{addr}")).build().unwrap();
     let batcher = UsageBatcher::new(oneloop.clone(), config);
-    let routes = ScopeMap::new()
+    let routes = RouteTable::new()
         .route_with("/gen", "items", RoutePolicy::new().usage(1, Some("requests")))
         .route("/stream", "items");
     let layer = ApiKeyLayer::builder(oneloop).routes(routes).usage_sink(batcher.clone()).build().unwrap();
@@ -166,7 +167,7 @@ async fn oneloops_billing_meter_is_the_allowance() {
                           "spendCap": null, "createdAt": "2026-01-01", "updatedAt": "2026-01-01"});
     fake.add("key-b", a);
     let oneloop = OneloopVerifier::builder(TOKEN).base_url(format!("http://{addr}")).build().unwrap();
-    let routes = ScopeMap::new().route_with("/gen", "items", RoutePolicy::new().usage(1, None));
+    let routes = RouteTable::new().route_with("/gen", "items", RoutePolicy::new().usage(1, None));
     let layer = ApiKeyLayer::builder(oneloop.clone()).routes(routes).build().unwrap();
     let app = Router::new().route("/gen", get(|| async { "ok" })).layer(layer);
     assert_eq!(call(&app, "GET", "/gen", "key-b").await.0, StatusCode::OK);
@@ -198,12 +199,12 @@ async fn per_request_mode_counts_usage_and_the_route_limit_once() {
     fake.add("key-a", answer("key_a", &["items:*"]));
     let oneloop = OneloopVerifier::builder(TOKEN)
         .base_url(format!("http://{addr}"))
-        .mode(keygate::verify::oneloop::Mode::PerRequest)
+        .mode(keygate::oneloop::Mode::PerRequest)
         .build()
         .unwrap();
     let batcher = UsageBatcher::new(oneloop.clone(), BatchConfig::default().interval(Duration::from_millis(20)));
     let limit = keygate::limit::RateLimit::per_minute("rl", 3).unwrap();
-    let routes = ScopeMap::new()
+    let routes = RouteTable::new()
         .route_with("/gen", "items", RoutePolicy::new().usage(1, Some("requests")).rate_limit(limit))
         .route_with("/free", "items", RoutePolicy::new().usage(1, Some("requests")));
     let layer = ApiKeyLayer::builder(oneloop).routes(routes).usage_sink(batcher.clone()).build().unwrap();

@@ -10,9 +10,9 @@ use axum::routing::get;
 use axum::Router;
 use common::usage_server::{self, Fault, UsageServer};
 use http::{Request, StatusCode};
-use keygate::usage::{BatchConfig, DeliveryPolicy, UsageBatcher, UsageReport};
-use keygate::verify::oneloop::OneloopVerifier;
-use keygate::{ApiKeyLayer, KeyFacts, LocalVerifier, RoutePolicy, ScopeMap};
+use keygate::oneloop::OneloopVerifier;
+use keygate::oneloop::{BatchConfig, DeliveryPolicy, UsageBatcher, UsageReport};
+use keygate::{ApiKeyLayer, KeyFacts, LocalVerifier, RoutePolicy, RouteTable};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,7 +41,7 @@ async fn setup(addr: SocketAddr, policy: DeliveryPolicy, usage_timeout: Duration
     let batcher = UsageBatcher::new(oneloop, config);
     let verifier = LocalVerifier::in_memory();
     let key = verifier.create(KeyFacts::new("k").with_scopes(["items:*".parse().unwrap()])).await.unwrap().key;
-    let routes = ScopeMap::new().route_with("/gen", "items", RoutePolicy::new().usage(1, Some("requests")));
+    let routes = RouteTable::new().route_with("/gen", "items", RoutePolicy::new().usage(1, Some("requests")));
     let layer = ApiKeyLayer::builder(verifier).routes(routes).usage_sink(batcher.clone()).build().unwrap();
     let app = Router::new().route("/gen", get(|| async { "ok" })).layer(layer);
     Setup { app, batcher, key: key.expose_secret().to_owned() }

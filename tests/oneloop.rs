@@ -1,5 +1,5 @@
 //! The remote verifier and the cache, against a loopback Oneloop that follows the spec.
-#![cfg(feature = "oneloop")]
+#![cfg(all(feature = "oneloop", feature = "axum"))]
 
 mod common;
 
@@ -11,8 +11,8 @@ use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use keygate::breaker::BreakerConfig;
 use keygate::cache::CacheConfig;
-use keygate::verify::oneloop::{Mode, OneloopBuilder, OneloopVerifier};
-use keygate::{ApiKeyLayer, ApiKeyLayerBuilder, KeyFormat, ScopeMap, VerifiedKey};
+use keygate::oneloop::{Mode, OneloopBuilder, OneloopVerifier};
+use keygate::{ApiKeyLayer, ApiKeyLayerBuilder, KeyFormat, RouteTable, VerifiedKey};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -37,8 +37,8 @@ fn app(layer: ApiKeyLayer) -> Router {
         .layer(layer)
 }
 
-fn routes() -> ScopeMap {
-    ScopeMap::new().route("/v1/items", "items").route("/v1/items/{id}", "items").route("/v1/admin/stats", "admin")
+fn routes() -> RouteTable {
+    RouteTable::new().route("/v1/items", "items").route("/v1/items/{id}", "items").route("/v1/admin/stats", "admin")
 }
 
 struct Setup {

@@ -9,8 +9,8 @@ use axum::routing::get;
 use axum::Router;
 use common::oneloop::{answer, start, Fake, TOKEN};
 use http::{Request, StatusCode};
-use keygate::verify::oneloop::OneloopVerifier;
-use keygate::{ApiKeyLayer, ScopeMap};
+use keygate::oneloop::OneloopVerifier;
+use keygate::{ApiKeyLayer, RouteTable};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -21,7 +21,7 @@ use tower::ServiceExt;
 fn gate(addr: SocketAddr) -> (Router, OneloopVerifier) {
     let oneloop = OneloopVerifier::builder(TOKEN).base_url(format!("http://{addr}")).build().unwrap();
     let layer =
-        ApiKeyLayer::builder(oneloop.clone()).routes(ScopeMap::new().route("/v1/items", "items")).build().unwrap();
+        ApiKeyLayer::builder(oneloop.clone()).routes(RouteTable::new().route("/v1/items", "items")).build().unwrap();
     (Router::new().route("/v1/items", get(|| async { "ok" })).layer(layer), oneloop)
 }
 

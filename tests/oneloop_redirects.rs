@@ -5,7 +5,7 @@
 mod common;
 
 use common::oneloop::{start, TOKEN};
-use keygate::verify::oneloop::OneloopVerifier;
+use keygate::oneloop::OneloopVerifier;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

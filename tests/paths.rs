@@ -9,7 +9,7 @@ use bytes::Bytes;
 use common::*;
 use http::{Request, Response};
 use http_body_util::Full;
-use keygate::{ApiKeyLayer, KeyFacts, LocalVerifier, ScopeMap};
+use keygate::{ApiKeyLayer, KeyFacts, LocalVerifier, RouteTable};
 use std::convert::Infallible;
 
 const SPELLINGS: [&str; 14] = [
@@ -29,8 +29,8 @@ const SPELLINGS: [&str; 14] = [
     "/public/..%2fadmin",
 ];
 
-fn routes() -> ScopeMap {
-    ScopeMap::new().public("/public/{*rest}").route("/admin", "admin").route("/items", "items")
+fn routes() -> RouteTable {
+    RouteTable::new().public("/public/{*rest}").route("/admin", "admin").route("/items", "items")
 }
 
 async fn keys(verifier: &LocalVerifier) -> (String, String) {

@@ -10,8 +10,8 @@ use axum::Router;
 use common::oneloop::{answer, start, Behaviour, TOKEN};
 use http::{Request, StatusCode};
 use keygate::cache::CacheConfig;
-use keygate::verify::oneloop::OneloopVerifier;
-use keygate::{ApiKeyLayer, ScopeMap};
+use keygate::oneloop::OneloopVerifier;
+use keygate::{ApiKeyLayer, RouteTable};
 use std::io::Write;
 use std::time::Duration;
 use tower::ServiceExt;
@@ -32,7 +32,7 @@ async fn an_outage_logs_its_state_changes_not_every_request() {
         .cache(CacheConfig::default().positive_ttl(Duration::from_millis(1)))
         .build()
         .unwrap();
-    let layer = ApiKeyLayer::builder(oneloop).routes(ScopeMap::new().route("/v1/items", "items")).build().unwrap();
+    let layer = ApiKeyLayer::builder(oneloop).routes(RouteTable::new().route("/v1/items", "items")).build().unwrap();
     let app = Router::new().route("/v1/items", get(|| async { "ok" })).layer(layer);
     assert_eq!(call(&app, "warm").await, StatusCode::OK);
     tokio::time::sleep(Duration::from_millis(5)).await;

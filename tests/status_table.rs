@@ -1,4 +1,5 @@
 //! Every row of the README's status table, over real HTTP, behind axum and behind plain hyper.
+#![cfg(feature = "axum")]
 
 mod common;
 #[allow(dead_code)] // the test uses the table, not the demo's handlers
@@ -11,14 +12,16 @@ use bytes::Bytes;
 use common::*;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
-use keygate::{ApiKeyLayer, KeyFacts, KeyStatus, LocalVerifier, Scope, ScopeMap, Verification, VerifiedKey, Verifier};
+use keygate::{
+    ApiKeyLayer, KeyFacts, KeyStatus, LocalVerifier, RouteTable, Scope, Verification, VerifiedKey, Verifier,
+};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 /// The quickstart's own route table.
-fn routes() -> ScopeMap {
+fn routes() -> RouteTable {
     demo_api::routes()
 }
 

@@ -9,23 +9,23 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use http::StatusCode;
 use keygate::limit::{HeaderStyle, RateLimit};
-use keygate::verify::oneloop::OneloopVerifier;
-use keygate::{ApiKey, ApiKeyLayer, KeyFacts, LocalVerifier, Scope, ScopeMap};
+use keygate::oneloop::OneloopVerifier;
+use keygate::{ApiKey, ApiKeyLayer, KeyFacts, LocalVerifier, RouteTable, Scope};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tower_http::validate_request::ValidateRequestHeaderLayer;
 
-pub const KEYS: usize = 1_000;
+pub(crate) const KEYS: usize = 1_000;
 
 /// Key `i`: 35 characters, like a real one.
-pub fn key(i: usize) -> String {
+pub(crate) fn key(i: usize) -> String {
     format!("kb_bench{i:06}xxxxxxxxxxxxxxxxxxxxx")
 }
 
 /// About 280 bytes of facts: an id, two scopes, a metadata entry, a customer.
-pub fn facts(i: usize) -> KeyFacts {
+pub(crate) fn facts(i: usize) -> KeyFacts {
     KeyFacts::new(format!("key_{i:06}"))
         .with_name("benchmark key")
         .with_scopes(["items:read,create".parse::<Scope>().unwrap(), "orders:read".parse().unwrap()])
@@ -34,15 +34,15 @@ pub fn facts(i: usize) -> KeyFacts {
 }
 
 /// The API: one small handler.
-pub fn router() -> Router {
+pub(crate) fn router() -> Router {
     Router::new().route("/v1/items", get(|| async { "ok" }))
 }
 
-pub fn routes() -> ScopeMap {
-    ScopeMap::new().route("/v1/items", "items")
+pub(crate) fn routes() -> RouteTable {
+    RouteTable::new().route("/v1/items", "items")
 }
 
-pub async fn local_verifier() -> LocalVerifier {
+pub(crate) async fn local_verifier() -> LocalVerifier {
     let verifier = LocalVerifier::in_memory();
     for i in 0..KEYS {
         verifier.add(&ApiKey::new(key(i)), facts(i)).await.unwrap();
@@ -52,7 +52,7 @@ pub async fn local_verifier() -> LocalVerifier {
 
 /// What a user writes by hand: a `HashMap` from key to context, and a `from_fn` middleware.
 #[derive(Clone, Debug)]
-pub struct HandContext {
+pub(crate) struct HandContext {
     pub id: String,
     pub name: Option<String>,
     pub scopes: Vec<Scope>,
@@ -61,12 +61,12 @@ pub struct HandContext {
 }
 
 /// What a user would hold metadata in.
-pub fn hand_metadata(m: &keygate::verify::Metadata) -> BTreeMap<String, String> {
+pub(crate) fn hand_metadata(m: &keygate::verify::Metadata) -> BTreeMap<String, String> {
     m.iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
 }
 
 /// Key `i`'s facts, as a user would hold them.
-pub fn hand_context(i: usize) -> HandContext {
+pub(crate) fn hand_context(i: usize) -> HandContext {
     let f = facts(i);
     HandContext {
         id: f.id,
@@ -77,7 +77,7 @@ pub fn hand_context(i: usize) -> HandContext {
     }
 }
 
-pub fn hand_map() -> HashMap<String, Arc<HandContext>> {
+pub(crate) fn hand_map() -> HashMap<String, Arc<HandContext>> {
     (0..KEYS).map(|i| (key(i), Arc::new(hand_context(i)))).collect()
 }
 
@@ -97,7 +97,7 @@ async fn hand_middleware(
 }
 
 /// A loopback Oneloop that knows every bench key (cold misses and warm-up only).
-pub async fn fake_oneloop() -> SocketAddr {
+pub(crate) async fn fake_oneloop() -> SocketAddr {
     async fn verify(Json(req): Json<Value>) -> Json<Value> {
         let k = req["key"].as_str().unwrap_or_default();
         let i = (0..KEYS).find(|&i| key(i) == k);
@@ -116,7 +116,7 @@ pub async fn fake_oneloop() -> SocketAddr {
     addr
 }
 
-pub fn oneloop(addr: SocketAddr) -> OneloopVerifier {
+pub(crate) fn oneloop(addr: SocketAddr) -> OneloopVerifier {
     // Generous: under valgrind a loopback call can take a second, and warm-up is not what is measured.
     let timeout = std::time::Duration::from_secs(30);
     OneloopVerifier::builder("ws_bench").base_url(format!("http://{addr}")).timeout(timeout).build().unwrap()
@@ -127,7 +127,7 @@ fn limited(builder: keygate::ApiKeyLayerBuilder) -> keygate::ApiKeyLayerBuilder 
 }
 
 /// Every variant, by name, with the same router and handler.
-pub async fn variants(oneloop_addr: SocketAddr) -> Vec<(&'static str, Router)> {
+pub(crate) async fn variants(oneloop_addr: SocketAddr) -> Vec<(&'static str, Router)> {
     let local = local_verifier().await;
     let remote = oneloop(oneloop_addr);
     let gate = |b: keygate::ApiKeyLayerBuilder| b.routes(routes()).build().unwrap();
@@ -165,7 +165,7 @@ fn keyed_format() -> keygate::KeyFormat {
 
 /// Which keys a variant is called with: all 1 000, the one static token, or forged keys (right
 /// prefix and length, wrong checksum or tag) for the rejection variants.
-pub fn keys_for(variant: &str) -> Vec<String> {
+pub(crate) fn keys_for(variant: &str) -> Vec<String> {
     match variant {
         "static_bearer" => vec![key(0)],
         "keygate_reject_forged" => (0..KEYS).map(key).filter(|k| !format().accepts(k)).collect(),
@@ -176,7 +176,7 @@ pub fn keys_for(variant: &str) -> Vec<String> {
 }
 
 /// The status a variant answers its keys with.
-pub fn expected_status(variant: &str) -> u16 {
+pub(crate) fn expected_status(variant: &str) -> u16 {
     if variant.starts_with("keygate_reject_forged") {
         401
     } else {

@@ -4,7 +4,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use keygate::{ScopeMap, Unmapped, VerifiedKey};
+use keygate::{RouteTable, Unmapped, VerifiedKey};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 type Items = Arc<Mutex<BTreeMap<u64, Value>>>;
 
 /// The route table: `items` and `admin` representations, `/health` public, anything else refused.
-pub fn routes() -> ScopeMap {
-    ScopeMap::new()
+pub(crate) fn routes() -> RouteTable {
+    RouteTable::new()
         .public("/health")
         .route("/v1/items", "items")
         .route("/v1/items/{id}", "items")
@@ -22,7 +22,7 @@ pub fn routes() -> ScopeMap {
 }
 
 /// The API, without the gate.
-pub fn router() -> Router {
+pub(crate) fn router() -> Router {
     Router::new()
         .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/v1/items", get(list).post(create))
@@ -32,13 +32,13 @@ pub fn router() -> Router {
 }
 
 /// Logs to stderr (`RUST_LOG`, default `info`).
-pub fn init_tracing() {
+pub(crate) fn init_tracing() {
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt().with_env_filter(filter).init();
 }
 
 /// Serves `app` on `127.0.0.1:$PORT` (default 3000) until Ctrl-C.
-pub async fn serve(app: Router) -> Result<(), Box<dyn std::error::Error>> {
+pub(crate) async fn serve(app: Router) -> Result<(), Box<dyn std::error::Error>> {
     let port: u16 = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(3000);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     println!("listening on http://{}", listener.local_addr()?);

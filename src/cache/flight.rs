@@ -1,16 +1,16 @@
 //! Single-flight: concurrent misses on one key share one upstream call.
 
-use crate::key::Fingerprint as KeyDigest;
+use crate::key::Fingerprint;
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use tokio::sync::OnceCell;
 
 type Cell<T> = Arc<OnceCell<T>>;
 
 /// Calls in flight, by key digest.
 pub(crate) struct Flights<T> {
-    calls: Mutex<HashMap<KeyDigest, Cell<T>>>,
+    calls: Mutex<HashMap<Fingerprint, Cell<T>>>,
 }
 
 impl<T: Clone> Flights<T> {
@@ -21,7 +21,7 @@ impl<T: Clone> Flights<T> {
     /// Runs `call` unless a call for `digest` is already in flight, in which case its answer is
     /// shared. If the caller running the call is cancelled, the next waiter runs its own `call`
     /// (tokio's `OnceCell` is cancel-safe), so nobody hangs.
-    pub(crate) async fn run<F: Future<Output = T>>(&self, digest: KeyDigest, call: impl FnOnce() -> F) -> T {
+    pub(crate) async fn run<F: Future<Output = T>>(&self, digest: Fingerprint, call: impl FnOnce() -> F) -> T {
         let cell = self.lock().entry(digest).or_default().clone();
         let _leave = Leave { flights: self, digest, cell: &cell };
         cell.get_or_init(call).await.clone()
@@ -29,7 +29,7 @@ impl<T: Clone> Flights<T> {
 
     /// Detaches the call in flight for `digest`, if any: its callers still get its answer, later
     /// callers start a new call.
-    pub(crate) fn forget(&self, digest: &KeyDigest) {
+    pub(crate) fn forget(&self, digest: &Fingerprint) {
         self.lock().remove(digest);
     }
 
@@ -38,8 +38,8 @@ impl<T: Clone> Flights<T> {
         self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<KeyDigest, Cell<T>>> {
-        self.calls.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Fingerprint, Cell<T>>> {
+        crate::lock::lock(&self.calls)
     }
 }
 
@@ -47,7 +47,7 @@ impl<T: Clone> Flights<T> {
 /// keys nobody waits for.
 struct Leave<'a, T: Clone> {
     flights: &'a Flights<T>,
-    digest: KeyDigest,
+    digest: Fingerprint,
     cell: &'a Cell<T>,
 }
 

@@ -18,8 +18,9 @@
 
 mod flight;
 
+use crate::boxed::BoxFuture;
 use crate::key::{Fingerprint, KeyDigest, PresentedKey};
-use crate::verify::{BoxFuture, KeyStatus, Verification, Verifier, VerifyError, VerifyRequest};
+use crate::verify::{KeyStatus, Verification, Verifier, VerifyError, VerifyRequest};
 use flight::Flights;
 use moka::ops::compute::Op;
 use moka::sync::Cache;
@@ -27,14 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-/// How the cache behaves. The defaults suit a remote verifier.
-///
-/// ```
-/// use keygate::cache::CacheConfig;
-/// use std::time::Duration;
-/// let config = CacheConfig::default().positive_ttl(Duration::from_secs(60)).max_stale(Duration::ZERO);
-/// # let _ = config;
-/// ```
+#[doc = include_str!("../../docs/cache_config.md")]
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
     max_entries: u64,
@@ -60,6 +54,7 @@ const LONGEST: Duration = Duration::from_secs(365 * 24 * 3600);
 
 impl CacheConfig {
     /// The most keys kept (default 100 000); beyond it moka evicts the least useful.
+    #[must_use]
     pub fn max_entries(mut self, n: u64) -> Self {
         self.max_entries = n;
         self
@@ -67,12 +62,14 @@ impl CacheConfig {
 
     /// How long a `VALID` answer is fresh (default 30 s): the longest a revoked key keeps working
     /// when nobody calls [`CachedVerifier::invalidate`].
+    #[must_use]
     pub fn positive_ttl(mut self, ttl: Duration) -> Self {
         self.positive_ttl = ttl.min(LONGEST);
         self
     }
 
     /// How long a refusal is remembered (default 5 s).
+    #[must_use]
     pub fn negative_ttl(mut self, ttl: Duration) -> Self {
         self.negative_ttl = ttl.min(LONGEST);
         self
@@ -80,6 +77,7 @@ impl CacheConfig {
 
     /// How long past its TTL a `VALID` answer may be served while the upstream fails (default
     /// 60 s; zero turns stale-if-error off).
+    #[must_use]
     pub fn max_stale(mut self, max_stale: Duration) -> Self {
         self.max_stale = max_stale.min(LONGEST);
         self
@@ -101,8 +99,8 @@ struct Entry {
 /// A [`Verification`] as the cache keeps it: the rare rate-limit state boxed.
 struct Answer {
     status: KeyStatus,
-    facts: Option<Arc<crate::verify::KeyFacts>>,
-    rate_limit: Option<Box<crate::verify::RateLimitState>>,
+    facts: Option<Arc<crate::facts::KeyFacts>>,
+    rate_limit: Option<Box<crate::verify::ReportedLimit>>,
 }
 
 impl Answer {
@@ -118,18 +116,7 @@ impl Answer {
     }
 }
 
-/// Wraps any [`Verifier`] with the verification cache. Cloning shares the cache.
-///
-/// ```
-/// use keygate::cache::{CacheConfig, CachedVerifier};
-/// use keygate::{ApiKeyLayer, LocalVerifier};
-///
-/// // A store behind I/O (Redis, say) is where a cache pays; any verifier can be wrapped.
-/// let cached = CachedVerifier::new(LocalVerifier::in_memory(), CacheConfig::default());
-/// let layer = ApiKeyLayer::new(cached.clone());
-/// cached.invalidate("kg_revoked_key"); // revocation: the next request asks the verifier again
-/// # let _ = layer;
-/// ```
+#[doc = include_str!("../../docs/cached_verifier.md")]
 pub struct CachedVerifier<V> {
     shared: Arc<Shared<V>>,
 }
@@ -207,6 +194,7 @@ impl<V: Verifier> CachedVerifier<V> {
     }
 
     /// How many entries the cache holds. Approximate until [`run_pending_tasks`](Self::run_pending_tasks).
+    #[must_use]
     pub fn entry_count(&self) -> u64 {
         self.shared.cache.entry_count()
     }
@@ -217,11 +205,13 @@ impl<V: Verifier> CachedVerifier<V> {
     }
 
     /// How many keys have an upstream call in flight.
+    #[must_use]
     pub fn in_flight(&self) -> usize {
         self.shared.flights.len()
     }
 
     /// The wrapped verifier.
+    #[must_use]
     pub fn inner(&self) -> &V {
         &self.shared.verifier
     }

@@ -4,13 +4,14 @@
 //! `RateLimit: "name";r=499;t=1` for the most restrictive limit. Legacy form, on request:
 //! `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset` (seconds).
 
+use super::retry_after_secs;
 use super::LimitState;
-use crate::reject::retry_after_secs;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use std::io::Write;
 
-/// Which rate-limit headers gated responses carry.
+#[doc = include_str!("../../docs/header_style.md")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum HeaderStyle {
     /// `RateLimit` and `RateLimit-Policy` (the default).
     #[default]
@@ -56,6 +57,7 @@ impl RateLimitHeaders {
         Some(Self { policy, current, legacy })
     }
 
+    #[inline]
     pub(crate) fn insert_into(self, headers: &mut HeaderMap) {
         headers.insert(HeaderName::from_static("ratelimit-policy"), self.policy);
         headers.insert(HeaderName::from_static("ratelimit"), self.current);

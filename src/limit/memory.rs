@@ -1,42 +1,20 @@
 //! The in-memory limiter: fixed windows anchored at each key's first request.
 
+use super::ledger::Ledger;
+use super::window::{self, Check, Window};
 use super::{Denied, LimitRequest, LimitState, LimitVerdict, Limiter, RateLimit, Refusal};
-use crate::usage::Ledger;
-use crate::verify::BoxFuture;
+use crate::boxed::BoxFuture;
+use crate::lock::lock;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio::time::Instant;
 
 const SHARDS: usize = 16;
 
-/// A fixed-window counter per key id and limit.
-///
-/// **Algorithm.** A key's window for a limit opens at its first request and lasts `window`; up to
-/// `limit` cost units pass in it, then requests are refused until it ends, with `Retry-After` the
-/// time left in it (the next free slot, exactly). So `500 per minute` means at most 500 in each of
-/// the key's windows, never more, however fast or concurrent the requests; a client that spends its
-/// quota at the very end of one window and the start of the next can pass `2 × limit` across that
-/// edge. (GCRA, the smoother choice, lets a limit's worth through and then refills steadily, so
-/// 500/min admits more than 500 in a busy minute; this crate's contract is the stricter one.)
-///
-/// **State.** One entry per key id holding its limits' windows, in 16 mutex-guarded shards; all of
-/// a key's limits are decided under one lock, so a request refused by one limit consumes nothing
-/// from the others. Entries whose windows have all ended carry no information and are swept as new
-/// keys arrive, so memory shrinks when keys go idle. Time comes from tokio's clock, so tests can
-/// pause it.
-///
-/// ```
-/// use keygate::limit::{LimitRequest, Limiter, MemoryLimiter, RateLimit};
-/// let limiter = MemoryLimiter::new();
-/// let limit = RateLimit::per_minute("default", 2).unwrap();
-/// let check = || limiter.check_now("key_1", &LimitRequest { limits: &[(limit.clone(), 1)], usage: None }).unwrap();
-/// assert!(check().is_ok());
-/// assert_eq!(check().unwrap()[0].remaining, 0);
-/// assert!(check().is_err());
-/// ```
+#[doc = include_str!("../../docs/memory_limiter.md")]
 pub struct MemoryLimiter {
     origin: Instant,
     shards: [Mutex<Shard>; SHARDS],
@@ -46,28 +24,21 @@ pub struct MemoryLimiter {
 
 #[derive(Default)]
 struct Shard {
-    keys: HashMap<Box<str>, Vec<Window>>,
+    keys: HashMap<Box<str>, Vec<Slot>>,
     /// Keys added since the last sweep, and how many were left by it.
     added: usize,
     after_sweep: usize,
 }
 
-struct Window {
+/// One limit's last window for a key, in nanoseconds since `origin`.
+struct Slot {
     limit: RateLimit,
-    /// When it opened, in nanoseconds since `origin`.
-    start: u128,
-    used: u64,
-}
-
-impl Window {
-    fn end(&self) -> u128 {
-        self.start + self.limit.window().as_nanos()
-    }
+    window: Window,
 }
 
 impl Shard {
     fn sweep(&mut self, now: u128) {
-        self.keys.retain(|_, windows| windows.iter().any(|w| w.end() > now));
+        self.keys.retain(|_, slots| slots.iter().any(|s| s.window.end > now));
         self.added = 0;
         self.after_sweep = self.keys.len();
     }
@@ -81,6 +52,7 @@ impl Default for MemoryLimiter {
 
 impl MemoryLimiter {
     /// An empty limiter.
+    #[must_use]
     pub fn new() -> Self {
         Self { origin: Instant::now(), shards: std::array::from_fn(|_| Mutex::default()), ledger: Ledger::default() }
     }
@@ -121,32 +93,32 @@ impl MemoryLimiter {
         let now = self.now();
         let mut shard = lock(self.shard(key_id));
         let empty = Vec::new();
-        let windows = shard.keys.get(key_id).unwrap_or(&empty);
+        let slots = shard.keys.get(key_id).unwrap_or(&empty);
         // First decide every limit, then consume: all or nothing.
         let mut states = Vec::with_capacity(limits.len());
         for (limit, cost) in limits {
-            let open = windows.iter().find(|w| w.limit == *limit && w.end() > now);
-            let (used, end) = open.map_or((0, now + limit.window().as_nanos()), |w| (w.used, w.end()));
-            let left = limit.limit().saturating_sub(used);
-            if *cost > left {
-                // A cost above the whole limit never passes; say so with a full window.
-                let wait = if *cost > limit.limit() { limit.window().as_nanos() } else { end - now };
-                return Err(Refusal::Rate(Denied { limit: limit.clone(), retry_after: nanos(wait) }));
+            let open = window::current(last_window(slots, limit), now);
+            match window::check(open, limit.limit(), limit.window().as_nanos(), *cost, now) {
+                Check::Fits { remaining, reset } => {
+                    states.push(LimitState { limit: limit.clone(), remaining, reset: nanos(reset) });
+                }
+                Check::Exceeds { retry_after } => {
+                    return Err(Refusal::Rate(Denied { limit: limit.clone(), retry_after: nanos(retry_after) }));
+                }
             }
-            states.push(LimitState { limit: limit.clone(), remaining: left - cost, reset: nanos(end - now) });
         }
         // Usage last: under the shard lock, so a refusal here leaves every window as it was.
         self.take_usage(key_id, request)?;
         // One lookup for a known key; only a new key allocates its id.
         let is_new = match shard.keys.get_mut(key_id) {
-            Some(windows) => {
-                consume(windows, limits, now);
+            Some(slots) => {
+                consume(slots, limits, now);
                 false
             }
             None => {
-                let mut windows = Vec::with_capacity(limits.len());
-                consume(&mut windows, limits, now);
-                shard.keys.insert(key_id.into(), windows);
+                let mut slots = Vec::with_capacity(limits.len());
+                consume(&mut slots, limits, now);
+                shard.keys.insert(key_id.into(), slots);
                 true
             }
         };
@@ -173,10 +145,10 @@ impl MemoryLimiter {
         }
         let Some(entry) = shard.keys.get_mut(key_id) else { return };
         for (limit, used, reset) in windows {
-            let start = (now + reset.as_nanos()).saturating_sub(limit.window().as_nanos());
-            match entry.iter_mut().find(|w| w.limit == *limit) {
-                Some(w) => (w.start, w.used) = (start, *used),
-                None => entry.push(Window { limit: limit.clone(), start, used: *used }),
+            let window = Window { used: *used, end: now + reset.as_nanos() };
+            match entry.iter_mut().find(|s| s.limit == *limit) {
+                Some(s) => s.window = window,
+                None => entry.push(Slot { limit: limit.clone(), window }),
             }
         }
     }
@@ -196,18 +168,18 @@ impl MemoryLimiter {
 }
 
 /// Takes each limit's cost from its window, opening a new window where the last one ended.
-fn consume(windows: &mut Vec<Window>, limits: &[(RateLimit, u64)], now: u128) {
+fn consume(slots: &mut Vec<Slot>, limits: &[(RateLimit, u64)], now: u128) {
     for (limit, cost) in limits {
-        match windows.iter_mut().find(|w| w.limit == *limit) {
-            Some(w) if w.end() > now => w.used += cost,
-            Some(w) => *w = Window { limit: limit.clone(), start: now, used: *cost },
-            None => windows.push(Window { limit: limit.clone(), start: now, used: *cost }),
+        let length = limit.window().as_nanos();
+        match slots.iter_mut().find(|s| s.limit == *limit) {
+            Some(s) => s.window = window::take(window::current(Some(s.window), now), length, *cost, now),
+            None => slots.push(Slot { limit: limit.clone(), window: window::take(None, length, *cost, now) }),
         }
     }
 }
 
-fn lock(m: &Mutex<Shard>) -> std::sync::MutexGuard<'_, Shard> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
+fn last_window(slots: &[Slot], limit: &RateLimit) -> Option<Window> {
+    slots.iter().find(|s| s.limit == *limit).map(|s| s.window)
 }
 
 fn nanos(n: u128) -> Duration {

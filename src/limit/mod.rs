@@ -1,15 +1,11 @@
-//! Rate limits and usage counters: what a limit is ([`RateLimit`]), the [`Limiter`] that keeps the
-//! counters, and the response headers.
-//!
-//! Limits and usage are counters, never cached facts: they live in the limiter (memory here, Redis
-//! with the `redis` feature), keyed by the verified key's id, never by the raw header, so random
-//! keys create no state. One call decides a request's rate limits and its usage together, all or
-//! nothing.
+#![doc = include_str!("../../docs/limits.md")]
 
 mod headers;
+mod ledger;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
+mod window;
 
 pub use headers::HeaderStyle;
 pub use memory::MemoryLimiter;
@@ -18,21 +14,13 @@ pub use redis::{Fallback, RedisLimiter};
 
 pub(crate) use headers::{most_restrictive, RateLimitHeaders};
 
-use crate::verify::BoxFuture;
+use crate::boxed::BoxFuture;
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// At most `limit` requests (or cost units) per `window`, under a name.
-///
-/// ```
-/// use keygate::limit::RateLimit;
-/// use std::time::Duration;
-/// let per_minute = RateLimit::new("default", 500, Duration::from_secs(60)).unwrap();
-/// assert_eq!(per_minute.to_string(), "default: 500 per 60s");
-/// assert!(RateLimit::new("zero", 0, Duration::from_secs(1)).is_err());
-/// ```
+#[doc = include_str!("../../docs/rate_limit.md")]
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "LimitRepr", into = "LimitRepr")]
 pub struct RateLimit {
@@ -87,14 +75,43 @@ impl RateLimit {
         if !name_ok || !limit_ok || !window_ok {
             return Err(InvalidLimit(format!("{name:?} {limit}/{window:?}")));
         }
-        let policy = format!("\"{name}\";q={limit};w={}", crate::reject::retry_after_secs(window));
+        let policy = format!("\"{name}\";q={limit};w={}", retry_after_secs(window));
         let policy = http::HeaderValue::try_from(policy).map_err(|_| InvalidLimit(name.to_owned()))?;
         Ok(Self { name: name.into(), limit, window, policy })
     }
 
     /// `limit` per minute (the default window).
+    ///
+    /// # Errors
+    /// As [`new`](Self::new).
     pub fn per_minute(name: &str, limit: u64) -> Result<Self, InvalidLimit> {
         Self::new(name, limit, Duration::from_secs(60))
+    }
+
+    /// A limit written as `100/60s`, `100/s`, `100/min` or `100/h` (as in a key's metadata, see
+    /// [`rate_limit_from_metadata`](crate::ApiKeyLayerBuilder::rate_limit_from_metadata)), named `name`.
+    ///
+    /// ```
+    /// use keygate::limit::RateLimit;
+    /// let l = RateLimit::parse("key", " 5 / min ").unwrap();
+    /// assert_eq!((l.limit(), l.window().as_secs()), (5, 60));
+    /// assert_eq!(RateLimit::parse("key", "100/60s").unwrap().window().as_secs(), 60);
+    /// assert!(RateLimit::parse("key", "100/fortnight").is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// [`InvalidLimit`] for text not in that form, or a limit [`new`](Self::new) refuses.
+    pub fn parse(name: &str, text: &str) -> Result<Self, InvalidLimit> {
+        let unreadable = || InvalidLimit(format!("{text:?}"));
+        let (n, per) = text.trim().split_once('/').ok_or_else(unreadable)?;
+        let window = match per.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            // A window past MAX_WINDOW is refused by `new` below.
+            secs => Duration::from_secs(secs.strip_suffix('s').and_then(|s| s.parse().ok()).ok_or_else(unreadable)?),
+        };
+        Self::new(name, n.trim().parse().map_err(|_| unreadable())?, window)
     }
 
     /// The name.
@@ -199,6 +216,7 @@ pub struct LimitRequest<'a> {
 
 /// Why a request was refused. Nothing was consumed.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Refusal {
     /// A rate limit is spent.
     Rate(Denied),
@@ -227,6 +245,11 @@ pub(crate) fn distinct(limits: &[(RateLimit, u64)]) -> Cow<'_, [(RateLimit, u64)
     Cow::Owned(once)
 }
 
+/// Whole seconds, rounded up and at least 1, so a client that waits that long is never early.
+pub(crate) fn retry_after_secs(d: Duration) -> u64 {
+    d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0)).max(1)
+}
+
 /// The states of the distinct limits, given back one per entry asked.
 pub(crate) fn per_entry(
     asked: &[(RateLimit, u64)],
@@ -239,20 +262,34 @@ pub(crate) fn per_entry(
     asked.iter().filter_map(|(l, _)| states.iter().find(|s| s.limit == *l).cloned()).collect()
 }
 
-/// The limiter could not decide (its backend is unreachable).
+/// The limiter could not decide (its backend is unreachable, slow or refusing).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LimitError(pub String);
+pub struct LimitError {
+    reason: String,
+}
+
+impl LimitError {
+    /// A failure, described for the log (never shown to clients).
+    pub fn new(reason: impl Into<String>) -> Self {
+        Self { reason: reason.into() }
+    }
+
+    /// What failed.
+    #[must_use]
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
 
 impl fmt::Display for LimitError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "rate limiter failed: {}", self.0)
+        write!(f, "rate limiter failed: {}", self.reason)
     }
 }
 
 impl std::error::Error for LimitError {}
 
-/// Keeps rate-limit and usage counters. A request's limits and usage are decided together: all pass
-/// and are consumed, or none is.
+#[doc = include_str!("../../docs/limiter.md")]
 pub trait Limiter: Send + Sync + 'static {
     /// Decides without I/O if it can; `None` sends the request to [`Limiter::check`].
     fn check_now(&self, key_id: &str, request: &LimitRequest<'_>) -> Option<LimitVerdict> {
@@ -279,5 +316,18 @@ impl<L: Limiter + ?Sized> Limiter for Arc<L> {
 
     fn charge(&self, key_id: &str, amount: u64) {
         (**self).charge(key_id, amount)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RateLimit;
+
+    #[test]
+    fn parse_refuses_what_it_cannot_read() {
+        for bad in ["", "100", "0/s", "x/s", "100/fortnight", "-1/s", "5/0s", "1/9999999999s"] {
+            assert!(RateLimit::parse("key", bad).is_err(), "{bad}");
+        }
+        assert_eq!(RateLimit::parse("key", "7/h").unwrap().window().as_secs(), 3600);
     }
 }

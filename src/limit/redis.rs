@@ -1,15 +1,16 @@
 //! Rate limits and usage shared by every instance, in Redis (feature `redis`).
 
 use super::{Denied, LimitError, LimitRequest, LimitState, LimitVerdict, Limiter, MemoryLimiter, RateLimit, Refusal};
-use crate::verify::BoxFuture;
+use crate::boxed::BoxFuture;
 use redis::aio::ConnectionManager;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 /// What a [`RedisLimiter`] does when Redis does not answer within its timeout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Fallback {
     /// Refuse with `503` and `Retry-After` (the default): no decision without the shared counters.
     FailClosed,
@@ -188,6 +189,7 @@ fn lua_number(n: u128) -> u64 {
 
 impl RedisLimiter {
     /// A limiter on `conn`, with its keys under `prefix`.
+    #[must_use]
     pub fn new(conn: ConnectionManager, prefix: &str) -> Self {
         let mut seed = [0u8; 8];
         // Without entropy, the clock still separates instances started apart.
@@ -240,6 +242,7 @@ impl RedisLimiter {
     }
 
     /// How many decisions were made by the fallback.
+    #[must_use]
     pub fn fallbacks(&self) -> u64 {
         self.shared.fallbacks.load(Ordering::Relaxed)
     }
@@ -357,7 +360,7 @@ impl Shared {
             .collect();
         self.local.mirror(key_id, &shares);
         if let Some(spent) = spent {
-            let mut known = self.spent.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut known = crate::lock::lock(&self.spent);
             match known.get_mut(key_id) {
                 Some(known) => *known = spent,
                 None => drop(known.insert(key_id.into(), spent)),
@@ -368,12 +371,12 @@ impl Shared {
     /// The fallback's decision, counted; what it admits is owed to the shared counters.
     fn fall_back(&self, key_id: &str, request: &LimitRequest<'_>, why: String) -> Result<LimitVerdict, LimitError> {
         self.fallbacks.fetch_add(1, Ordering::Relaxed);
-        let Fallback::Local { instances } = self.fallback else { return Err(LimitError(why)) };
+        let Fallback::Local { instances } = self.fallback else { return Err(LimitError::new(why)) };
         tracing::debug!(%why, "keygate: Redis unavailable; deciding with local limits");
         let n = u64::from(instances.max(1));
         let limits: Vec<(RateLimit, u64)> = request.limits.iter().map(|(l, cost)| (share(l, n), *cost)).collect();
         let usage = request.usage.map(|mut u| {
-            let spent = self.spent.lock().unwrap_or_else(PoisonError::into_inner).get(key_id).copied();
+            let spent = crate::lock::lock(&self.spent).get(key_id).copied();
             let spent = spent.unwrap_or(0).max(u.reported);
             // This instance's share of what was left, counted from zero by the local ledger.
             u.allowed = u.allowed.saturating_sub(spent) / u128::from(n);
@@ -383,7 +386,7 @@ impl Shared {
         let verdict =
             self.local.check_now(key_id, &LimitRequest { limits: &limits, usage }).expect("memory decides now");
         if verdict.is_ok() {
-            let mut debts = self.debts.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut debts = crate::lock::lock(&self.debts);
             let debt = debts.entry(key_id.into()).or_default();
             for (limit, cost) in request.limits {
                 match debt.limits.iter_mut().find(|(l, _)| l == limit) {
@@ -426,7 +429,7 @@ impl Shared {
         }
         let Ok(_paying) = self.paying.try_lock() else { return Ok(()) };
         let owed: Vec<(Box<str>, Debt)> = {
-            let debts = self.debts.lock().unwrap_or_else(PoisonError::into_inner);
+            let debts = crate::lock::lock(&self.debts);
             debts.iter().map(|(id, d)| (id.clone(), Debt { limits: d.limits.clone(), usage: d.usage })).collect()
         };
         for (key_id, Debt { limits, usage }) in owed {
@@ -442,7 +445,7 @@ impl Shared {
             invocation.arg(usage);
             invocation.invoke_async::<i64>(&mut self.conn.clone()).await?;
             // Paid: off the books, less anything the fallback admitted meanwhile.
-            let mut debts = self.debts.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut debts = crate::lock::lock(&self.debts);
             if let Some(debt) = debts.get_mut(&key_id) {
                 for (limit, paid) in &limits {
                     if let Some((_, c)) = debt.limits.iter_mut().find(|(l, _)| l == limit) {
@@ -458,7 +461,7 @@ impl Shared {
             // Redis counts the fallback's usage now: the local share starts again from its word.
             self.local.forget_usage(&key_id);
         }
-        let mut debts = self.debts.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut debts = crate::lock::lock(&self.debts);
         if debts.is_empty() {
             self.owes.store(false, Ordering::Release);
         }
@@ -533,5 +536,121 @@ impl std::fmt::Debug for RedisLimiter {
             .field("timeout", &self.shared.timeout)
             .field("fallback", &self.shared.fallback)
             .finish_non_exhaustive()
+    }
+}
+
+/// The Lua `DECIDE` script and the pure algorithm in [`super::window`] agree, step by step, on a
+/// real Redis. Redis's clock is its key expiry, so time is simulated there by shortening every
+/// counter's TTL by the step; steps and windows are whole multiples of 500 ms so the few
+/// milliseconds that really pass between steps can never cross a window's end.
+#[cfg(test)]
+mod parity {
+    use super::super::window::{self, Check, Window};
+    use super::super::{LimitRequest, Limiter, RateLimit, Refusal};
+    use super::RedisLimiter;
+    use proptest::prelude::*;
+    use std::time::Duration;
+
+    const TICK: u64 = 500;
+
+    /// Moves Redis's clock for the counters under `prefix` forward by `ms`.
+    async fn advance(conn: &mut redis::aio::ConnectionManager, prefix: &str, ms: u64) {
+        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(conn).await.unwrap();
+        for key in keys {
+            let ttl: i64 = redis::cmd("PTTL").arg(&key).query_async(conn).await.unwrap();
+            if ttl <= 0 {
+                continue;
+            }
+            let left = ttl - ms as i64;
+            let cmd = if left <= 0 {
+                redis::cmd("DEL").arg(&key).clone()
+            } else {
+                redis::cmd("PEXPIRE").arg(&key).arg(left).clone()
+            };
+            let _: i64 = cmd.query_async(conn).await.unwrap();
+        }
+    }
+
+    fn limits() -> impl Strategy<Value = Vec<RateLimit>> {
+        let one = (1u64..6, 1u64..5).prop_map(|(n, ticks)| (n, ticks));
+        prop::collection::vec(one, 1..4).prop_map(|ls| {
+            ls.into_iter()
+                .enumerate()
+                .map(|(i, (n, ticks))| {
+                    RateLimit::new(&format!("l{i}"), n, Duration::from_millis(ticks * TICK)).unwrap()
+                })
+                .collect()
+        })
+    }
+
+    /// Steps: ticks to advance, which of the limits the request names (a bit mask), its cost.
+    fn steps() -> impl Strategy<Value = Vec<(u64, u8, u64)>> {
+        prop::collection::vec((0u64..4, 1u8..8, 1u64..4), 1..25)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        #[test]
+        #[cfg_attr(not(keygate_redis_url), ignore = "needs REDIS_URL")]
+        fn the_lua_script_decides_as_the_pure_algorithm(limits in limits(), steps in steps()) {
+            let url = std::env::var("REDIS_URL").expect("REDIS_URL is set (this test is ignored otherwise)");
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let mut conn = redis::Client::open(url.as_str()).unwrap().get_connection_manager().await.unwrap();
+                let mut seed = [0u8; 8];
+                getrandom::fill(&mut seed).unwrap();
+                let prefix = format!("kgparity:{:x}", u64::from_le_bytes(seed));
+                let limiter = RedisLimiter::new(conn.clone(), &prefix).timeout(Duration::from_secs(5));
+                let mut model: Vec<Option<Window>> = vec![None; limits.len()];
+                let mut now = 0u128;
+                for (i, (ticks, mask, cost)) in steps.iter().enumerate() {
+                    advance(&mut conn, &prefix, ticks * TICK).await;
+                    now += u128::from(ticks * TICK);
+                    let asked: Vec<usize> = (0..limits.len()).filter(|j| mask & (1 << j) != 0).collect();
+                    let request: Vec<(RateLimit, u64)> = asked.iter().map(|&j| (limits[j].clone(), *cost)).collect();
+                    // The pure algorithm: every limit checked, then all taken or none.
+                    let checks: Vec<Check> = asked
+                        .iter()
+                        .map(|&j| {
+                            let length = limits[j].window().as_millis();
+                            window::check(window::current(model[j], now), limits[j].limit(), length, *cost, now)
+                        })
+                        .collect();
+                    let refused = asked.iter().zip(&checks).find_map(|(&j, c)| match c {
+                        Check::Exceeds { retry_after } => Some((j, *retry_after)),
+                        Check::Fits { .. } => None,
+                    });
+                    if refused.is_none() {
+                        for &j in &asked {
+                            let open = window::current(model[j], now);
+                            model[j] = Some(window::take(open, limits[j].window().as_millis(), *cost, now));
+                        }
+                    }
+                    let lua = limiter.check("key", &LimitRequest { limits: &request, usage: None }).await.unwrap();
+                    match (lua, refused) {
+                        (Ok(states), None) => {
+                            for (state, check) in states.iter().zip(&checks) {
+                                let Check::Fits { remaining, reset } = *check else { unreachable!() };
+                                prop_assert_eq!(state.remaining, remaining, "step {}", i);
+                                let drift = (state.reset.as_millis() as i128 - reset as i128).abs();
+                                prop_assert!(drift < i128::from(TICK as u32) , "step {}: reset {:?} vs {}", i, state.reset, reset);
+                            }
+                        }
+                        (Err(Refusal::Rate(denied)), Some((j, retry_after))) => {
+                            prop_assert_eq!(&denied.limit, &limits[j], "step {}: refused by another limit", i);
+                            let drift = (denied.retry_after.as_millis() as i128 - retry_after as i128).abs();
+                            prop_assert!(drift < i128::from(TICK as u32), "step {}: retry {:?} vs {}", i, denied.retry_after, retry_after);
+                        }
+                        (lua, pure) => prop_assert!(false, "step {}: Lua {:?}, pure {:?}", i, lua, pure),
+                    }
+                }
+                let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut conn).await.unwrap();
+                if !keys.is_empty() {
+                    let _: i64 = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await.unwrap();
+                }
+                Ok(())
+            })?;
+        }
     }
 }

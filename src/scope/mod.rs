@@ -1,17 +1,7 @@
 //! Scopes in Oneloop's model: a resource `representation` plus `create`/`read`/`update`/`del`.
 //!
-//! The method gives the [`Action`]; the route gives the representation, from a [`ScopeMap`] on the
-//! layer or a [`require`] annotation on the route.
-
-mod map;
-mod path;
-mod require;
-
-pub use map::{RoutePolicy, ScopeMap, Unmapped};
-pub use require::{require, require_scope, RequireLayer, RequireService};
-
-pub(crate) use map::Route;
-pub(crate) use map::RouteEntry;
+//! The method gives the [`Action`]; the route gives the representation, from a [`RouteTable`](crate::RouteTable) on the
+//! layer or a [`require`](crate::require()) annotation on the route.
 
 use http::Method;
 use serde::{Deserialize, Serialize};
@@ -19,8 +9,9 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-/// What a request does to a resource.
+#[doc = include_str!("../../docs/action.md")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Action {
     /// `POST`.
     Create,
@@ -43,6 +34,7 @@ impl Action {
     /// assert_eq!(Action::from_method(&Method::PATCH), Some(Action::Update));
     /// assert_eq!(Action::from_method(&Method::OPTIONS), None);
     /// ```
+    #[must_use]
     pub fn from_method(method: &Method) -> Option<Self> {
         Some(match *method {
             Method::GET | Method::HEAD => Self::Read,
@@ -54,6 +46,7 @@ impl Action {
     }
 
     /// Oneloop's name: `create`, `read`, `update` or `del`.
+    #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Create => "create",
@@ -64,16 +57,7 @@ impl Action {
     }
 }
 
-/// A scope a key holds: a representation and the actions allowed on it. Serialises as Oneloop's
-/// `ApiKeyScope`; its text form is `representation:action,action` or `representation:*`.
-///
-/// ```
-/// use keygate::{Scope, Action};
-/// let s: Scope = "items:read,create".parse().unwrap();
-/// assert!(s.allows("items", Action::Read) && !s.allows("items", Action::Del));
-/// assert_eq!(s.to_string(), "items:create,read");
-/// assert_eq!("admin:*".parse::<Scope>().unwrap(), Scope::all("admin"));
-/// ```
+#[doc = include_str!("../../docs/scope.md")]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Scope {
     /// Oneloop's optional scope id.
@@ -103,12 +87,14 @@ impl Scope {
     }
 
     /// This scope with `action` allowed too.
+    #[must_use]
     pub fn with(mut self, action: Action) -> Self {
         *self.flag_mut(action) = true;
         self
     }
 
     /// Whether this scope allows `action` on `representation`.
+    #[must_use]
     pub fn allows(&self, representation: &str, action: Action) -> bool {
         self.representation == representation && self.flag(action)
     }
@@ -178,7 +164,7 @@ impl FromStr for Scope {
     }
 }
 
-/// The scope one request needs: an action on a representation.
+#[doc = include_str!("../../docs/required_scope.md")]
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RequiredScope {
     /// The resource.
@@ -194,11 +180,13 @@ impl RequiredScope {
     }
 
     /// Whether any of `scopes` grants this.
+    #[must_use]
     pub fn granted_by(&self, scopes: &[Scope]) -> bool {
         scopes.iter().any(|s| s.allows(&self.representation, self.action))
     }
 
     /// As a Oneloop `ApiKeyScope` with only this action set.
+    #[must_use]
     pub fn to_scope(&self) -> Scope {
         Scope::new(&*self.representation).with(self.action)
     }

@@ -16,16 +16,16 @@
 //! ```
 
 use super::StoredKey;
+use crate::facts::KeyFacts;
 use crate::key::KeyDigest;
 use crate::limit::RateLimit;
 use crate::scope::Scope;
-use crate::verify::KeyFacts;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, UNIX_EPOCH};
 
-/// A parsed key file: each entry is a digest and the key stored under it.
+#[doc = include_str!("../../docs/key_file.md")]
 #[derive(Debug, Clone)]
 pub struct KeyFile {
     /// The keys, in file order.
@@ -82,6 +82,9 @@ fn yes() -> bool {
 
 impl KeyFile {
     /// Reads and parses a key file.
+    ///
+    /// # Errors
+    /// [`LoadError`] when the file cannot be read, or as [`parse`](Self::parse).
     pub fn read(path: impl AsRef<std::path::Path>) -> Result<Self, LoadError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| LoadError(format!("{}: {e}", path.display())))?;
@@ -99,6 +102,10 @@ impl KeyFile {
     /// "#).unwrap();
     /// assert_eq!(file.keys[0].0, keygate::KeyDigest::of("dev-key-1"));
     /// ```
+    ///
+    /// # Errors
+    /// [`LoadError`] for text that is not TOML of this shape, an empty or repeated id, an entry without
+    /// exactly one of `key` and `digest`, or an unreadable digest, scope or limit.
     pub fn parse(text: &str) -> Result<Self, LoadError> {
         // toml's messages quote the offending line, which may hold a plain key: keep only the place.
         let shape: FileShape = toml::from_str(text).map_err(|e| {

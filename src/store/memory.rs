@@ -1,18 +1,12 @@
 //! The embedded in-memory key store.
 
-use super::{KeyStore, StoreError, StoredKey};
+use super::{KeyStore, Lookup, StoreError, StoredKey};
+use crate::boxed::BoxFuture;
 use crate::key::{Fingerprint, KeyDigest, PresentedKey, UniformState};
-use crate::verify::BoxFuture;
 use std::collections::HashMap;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, RwLock};
 
-/// Keys in process memory: the default store. Cloning shares the same keys.
-///
-/// Reads take a read lock for two hash lookups and an `Arc` clone; writes are rare (key
-/// management). Presented keys are found by [`Fingerprint`] once seen, so a warm lookup computes no
-/// SHA-256: a fingerprint→digest index is filled on a key's first successful lookup. It never goes
-/// stale: a fingerprint always names the same key, and so the same digest; a digest that is gone
-/// (rotated away) is simply not found.
+#[doc = include_str!("../../docs/memory_store.md")]
 #[derive(Debug, Clone, Default)]
 pub struct MemoryStore {
     maps: Arc<RwLock<Maps>>,
@@ -27,16 +21,19 @@ struct Maps {
 
 impl MemoryStore {
     /// An empty store.
+    #[must_use]
     pub fn new() -> Self {
         Self::default()
     }
 
     /// How many keys are stored.
+    #[must_use]
     pub fn len(&self) -> usize {
         self.read(|m| m.by_digest.len())
     }
 
     /// Whether the store is empty.
+    #[must_use]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -44,11 +41,11 @@ impl MemoryStore {
     fn read<T>(&self, f: impl FnOnce(&Maps) -> T) -> T {
         // A panic while holding the lock cannot leave the maps half-updated (each write is one or
         // two inserts), so a poisoned lock is still safe to read.
-        f(&self.maps.read().unwrap_or_else(PoisonError::into_inner))
+        f(&crate::lock::read(&self.maps))
     }
 
     fn write<T>(&self, f: impl FnOnce(&mut Maps) -> T) -> T {
-        f(&mut self.maps.write().unwrap_or_else(PoisonError::into_inner))
+        f(&mut crate::lock::write(&self.maps))
     }
 
     pub(crate) fn insert_now(&self, digest: KeyDigest, key: StoredKey) -> Result<(), StoreError> {
@@ -75,11 +72,11 @@ impl MemoryStore {
 }
 
 impl KeyStore for MemoryStore {
-    fn get_now(&self, key: &PresentedKey<'_>) -> Option<Option<StoredKey>> {
+    fn get_now(&self, key: &PresentedKey<'_>) -> Lookup {
         let fingerprint = key.fingerprint();
         let seen = self.read(|m| m.by_fingerprint.get(&fingerprint).map(|d| m.by_digest.get(d).cloned()));
         if let Some(found) = seen {
-            return Some(found);
+            return found.into();
         }
         let digest = *key.digest();
         let found = self.read(|m| m.by_digest.get(&digest).cloned());
@@ -87,7 +84,7 @@ impl KeyStore for MemoryStore {
             // Only known keys are indexed, so unknown keys cannot grow the index.
             self.write(|m| m.by_fingerprint.insert(fingerprint, digest));
         }
-        Some(found)
+        found.into()
     }
 
     fn get(&self, digest: &KeyDigest) -> BoxFuture<'static, Result<Option<StoredKey>, StoreError>> {

@@ -13,15 +13,17 @@ pub use memory::MemoryStore;
 #[cfg(feature = "redis")]
 pub use redis::RedisKeyStore;
 
+use crate::boxed::BoxFuture;
+use crate::facts::{KeyFacts, KeyStatus};
 use crate::key::{KeyDigest, PresentedKey};
-use crate::verify::{BoxFuture, KeyFacts, KeyStatus};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-/// A key as a store keeps it: its facts and its lifecycle flags.
+#[doc = include_str!("../../docs/stored_key.md")]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "StoredRecord", from = "StoredRecord")]
 pub struct StoredKey {
     /// What the key is.
     pub facts: Arc<KeyFacts>,
@@ -31,13 +33,48 @@ pub struct StoredKey {
     pub deleted: bool,
 }
 
+/// [`StoredKey`]'s serialised form.
+#[derive(Serialize, Deserialize)]
+struct StoredRecord {
+    /// The record format: 1 since versioning; absent (0) before, with the same fields.
+    #[serde(default)]
+    v: u32,
+    #[serde(default)]
+    facts: Arc<KeyFacts>,
+    #[serde(default = "enabled_by_default")]
+    enabled: bool,
+    #[serde(default)]
+    deleted: bool,
+}
+
+/// The version this code writes.
+const RECORD_VERSION: u32 = 1;
+
+fn enabled_by_default() -> bool {
+    true
+}
+
+impl From<StoredRecord> for StoredKey {
+    fn from(r: StoredRecord) -> Self {
+        Self { facts: r.facts, enabled: r.enabled, deleted: r.deleted }
+    }
+}
+
+impl From<StoredKey> for StoredRecord {
+    fn from(k: StoredKey) -> Self {
+        Self { v: RECORD_VERSION, facts: k.facts, enabled: k.enabled, deleted: k.deleted }
+    }
+}
+
 impl StoredKey {
     /// An enabled key with these facts.
+    #[must_use]
     pub fn new(facts: KeyFacts) -> Self {
         Self { facts: Arc::new(facts), enabled: true, deleted: false }
     }
 
     /// The key's status now; reads the clock only if the key expires.
+    #[must_use]
     pub fn status(&self) -> KeyStatus {
         match self.facts.expires_at {
             Some(_) => self.status_at(SystemTime::now()),
@@ -47,6 +84,7 @@ impl StoredKey {
 
     /// The key's status at `now`, before any per-request check: `DELETED`, `DISABLED`, `EXPIRED`,
     /// or `VALID`, in that order.
+    #[must_use]
     pub fn status_at(&self, now: SystemTime) -> KeyStatus {
         if self.deleted {
             KeyStatus::Deleted
@@ -57,6 +95,23 @@ impl StoredKey {
         } else {
             KeyStatus::Valid
         }
+    }
+}
+
+/// What [`KeyStore::get_now`] found without I/O.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// The key's record.
+    Found(StoredKey),
+    /// No key with this digest.
+    Absent,
+    /// The store cannot tell without I/O: ask [`KeyStore::get`].
+    NeedsIo,
+}
+
+impl From<Option<StoredKey>> for Lookup {
+    fn from(found: Option<StoredKey>) -> Self {
+        found.map_or(Self::Absent, Self::Found)
     }
 }
 
@@ -84,16 +139,13 @@ impl fmt::Display for StoreError {
 
 impl std::error::Error for StoreError {}
 
-/// Keeps keys by digest, with an index by id.
-///
-/// Like [`Verifier`](crate::Verifier), it has a synchronous fast path ([`KeyStore::get_now`]) for
-/// stores that need no I/O, and asynchronous operations for the rest.
+#[doc = include_str!("../../docs/key_store.md")]
 pub trait KeyStore: Send + Sync + 'static {
-    /// The presented key's record, if the store can answer without I/O: `Some(None)` means "not
-    /// here".
-    fn get_now(&self, key: &PresentedKey<'_>) -> Option<Option<StoredKey>> {
+    /// The presented key's record, if the store can answer without I/O; [`Lookup::NeedsIo`] (the
+    /// default) sends the caller to [`get`](Self::get).
+    fn get_now(&self, key: &PresentedKey<'_>) -> Lookup {
         let _ = key;
-        None
+        Lookup::NeedsIo
     }
 
     /// The key with this digest.

@@ -2,8 +2,8 @@
 //! `redis`).
 
 use super::{KeyStore, StoreError, StoredKey};
+use crate::boxed::BoxFuture;
 use crate::key::KeyDigest;
-use crate::verify::BoxFuture;
 use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 use std::sync::{Arc, OnceLock};
@@ -73,18 +73,21 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
 
 impl RedisKeyStore {
     /// A store on `conn` with its keys under `prefix`.
+    #[must_use]
     pub fn new(conn: ConnectionManager, prefix: &str) -> Self {
         Self { conn, prefix: prefix.into(), timeout: Duration::from_millis(200) }
     }
 
     /// How long one operation may wait for Redis (default 200 ms); past it, the operation fails and
     /// the gate answers `503` (or a stale cached answer).
+    #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
     }
 
     /// The revocation channel.
+    #[must_use]
     pub fn channel(&self) -> String {
         format!("{}:revoked", self.prefix)
     }

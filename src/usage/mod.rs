@@ -1,25 +1,8 @@
-//! Usage: what a request costs in credits, the per-key allowance it is checked against, and
-//! where usage is reported.
-//!
-//! - A route declares a usage amount and name ([`RoutePolicy::usage`](crate::RoutePolicy::usage));
-//!   handlers add more after the fact with the [`UsageHandle`] in [`VerifiedKey`](crate::VerifiedKey).
-//! - Allowance: a key's `usage_limit` (local verifier), or Oneloop's billing meter (`totalCredits -
-//!   usedCredits`, or `spendCap - usedCredits` when overages are allowed). A request whose usage
-//!   would pass it is refused with `USAGE_LIMITED` and charged nothing.
-//! - Reporting: every charge goes to the layer's [`UsageSink`], such as the Oneloop
-//!   `UsageBatcher` (feature `oneloop`).
+#![doc = include_str!("../../docs/usage.md")]
 
-#[cfg(feature = "oneloop")]
-mod batcher;
-mod ledger;
-
-#[cfg(feature = "oneloop")]
-pub use batcher::{BatchConfig, DeliveryPolicy, UsageBatcher, UsageReport};
-pub(crate) use ledger::Ledger;
-
+use crate::facts::KeyFacts;
 use crate::key::ApiKey;
 use crate::limit::Limiter;
-use crate::verify::KeyFacts;
 use std::fmt;
 use std::sync::Arc;
 
@@ -42,7 +25,7 @@ pub struct UsageOf<'a> {
     pub key: Option<&'a ApiKey>,
 }
 
-/// Where charges are reported. Called on the request path: must not block (queue, don't send).
+#[doc = include_str!("../../docs/usage_sink.md")]
 pub trait UsageSink: Send + Sync + 'static {
     /// Reports `amount` of `name` used by a key.
     fn record(&self, of: UsageOf<'_>, name: Option<&str>, amount: u64);
@@ -76,13 +59,14 @@ pub(crate) fn allowance(facts: &KeyFacts) -> Option<(u128, u128)> {
 
 /// The layer's counters and where usage is reported: the limiter keeps rate limits and usage
 /// against allowances, the sink reports usage.
-pub(crate) struct Meter {
+pub(crate) struct Metering {
     pub(crate) limiter: Arc<dyn Limiter>,
     pub(crate) sink: Option<Arc<dyn UsageSink>>,
 }
 
-impl Meter {
-    pub(crate) fn charge(&self, of: UsageOf<'_>, name: Option<&str>, amount: u64) {
+impl Metering {
+    /// Records usage with the sink (never refused: the allowance was checked by the limiter).
+    pub(crate) fn record(&self, of: UsageOf<'_>, name: Option<&str>, amount: u64) {
         if amount == 0 {
             return;
         }
@@ -96,18 +80,7 @@ impl Meter {
     }
 }
 
-/// Adds usage to the request's key after the fact (tokens produced, bytes streamed). Found in
-/// [`VerifiedKey::usage`](crate::VerifiedKey::usage). Cloning shares it; it may outlive the
-/// request (a streaming body can report as it goes).
-///
-/// ```
-/// use keygate::VerifiedKey;
-/// async fn complete(key: VerifiedKey) -> String {
-///     let answer = "forty-two".to_owned();
-///     key.usage().add("tokens", answer.len() as u64); // charged to this key, reported to the sink
-///     answer
-/// }
-/// ```
+#[doc = include_str!("../../docs/usage_handle.md")]
 #[derive(Clone)]
 pub struct UsageHandle {
     inner: Option<HandleInner>,
@@ -115,7 +88,7 @@ pub struct UsageHandle {
 
 #[derive(Clone)]
 struct HandleInner {
-    meter: Arc<Meter>,
+    metering: Arc<Metering>,
     facts: Arc<KeyFacts>,
     key: Option<ApiKey>,
 }
@@ -125,8 +98,8 @@ impl UsageHandle {
         Self { inner: None }
     }
 
-    pub(crate) fn new(meter: Arc<Meter>, facts: Arc<KeyFacts>, key: Option<ApiKey>) -> Self {
-        Self { inner: Some(HandleInner { meter, facts, key }) }
+    pub(crate) fn new(metering: Arc<Metering>, facts: Arc<KeyFacts>, key: Option<ApiKey>) -> Self {
+        Self { inner: Some(HandleInner { metering, facts, key }) }
     }
 
     /// The raw key, kept only for sinks that need it.
@@ -138,9 +111,9 @@ impl UsageHandle {
     /// allowance for later requests (it is never refused: the work is done) and reported.
     pub fn add(&self, name: &str, amount: u64) {
         let Some(h) = &self.inner else { return };
-        h.meter.limiter.charge(&h.facts.id, amount);
+        h.metering.limiter.charge(&h.facts.id, amount);
         let of = UsageOf { key_id: &h.facts.id, key: h.key.as_ref() };
-        h.meter.charge(of, Some(name).filter(|n| !n.is_empty()), amount);
+        h.metering.record(of, Some(name).filter(|n| !n.is_empty()), amount);
     }
 }
 

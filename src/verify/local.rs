@@ -2,35 +2,18 @@
 
 use super::{BoxFuture, KeyFacts, Verification, Verifier, VerifyError, VerifyRequest};
 use crate::key::{ApiKey, KeyFormat, PresentedKey};
-use crate::store::{KeyFile, KeyStore, LoadError, MemoryStore, StoreError, StoredKey};
+use crate::store::{KeyFile, KeyStore, LoadError, Lookup, MemoryStore, StoreError, StoredKey};
 use std::fmt;
 use std::sync::Arc;
 
-/// Verifies keys against a [`KeyStore`], and manages them: create, disable, enable, delete, rotate.
-/// Cloning shares the same store.
-///
-/// ```
-/// use keygate::{KeyFacts, LocalVerifier, Scope};
-/// # tokio_test();
-/// # #[tokio::main(flavor = "current_thread")] async fn tokio_test() {
-/// let verifier = LocalVerifier::in_memory();
-/// let created = verifier
-///     .create(KeyFacts::new("key_1").with_scopes(["items:read".parse::<Scope>().unwrap()]))
-///     .await
-///     .unwrap();
-/// // Show `created.key` to its owner once; the store only has its digest.
-/// let rotated = verifier.rotate("key_1").await.unwrap();
-/// assert_ne!(rotated, created.key);
-/// verifier.disable("key_1").await.unwrap();
-/// # }
-/// ```
+#[doc = include_str!("../../docs/local_verifier.md")]
 #[derive(Clone)]
 pub struct LocalVerifier {
     store: Arc<dyn KeyStore>,
     format: KeyFormat,
 }
 
-/// A key just created: the only moment the plain key exists on the server side.
+#[doc = include_str!("../../docs/created_key.md")]
 #[derive(Debug, Clone)]
 pub struct CreatedKey {
     /// The plain key, to hand to its owner once. Redacted in `Debug`.
@@ -42,16 +25,20 @@ pub struct CreatedKey {
 impl LocalVerifier {
     /// A verifier over `store`, generating keys in the default `kg_` format.
     pub fn new(store: impl KeyStore) -> Self {
-        Self { store: Arc::new(store), format: KeyFormat::checksummed("kg_").expect("valid prefix") }
+        Self { store: Arc::new(store), format: KeyFormat::Checksummed { prefix: "kg_".into() } }
     }
 
     /// A verifier over a fresh [`MemoryStore`].
+    #[must_use]
     pub fn in_memory() -> Self {
         Self::new(MemoryStore::new())
     }
 
     /// A verifier over a [`MemoryStore`] holding the keys of a TOML key file (see
     /// [`KeyFile`] for the format).
+    ///
+    /// # Errors
+    /// [`LoadError`] as [`KeyFile::read`].
     pub fn from_key_file(path: impl AsRef<std::path::Path>) -> Result<Self, LoadError> {
         let store = MemoryStore::new();
         for (digest, key) in KeyFile::read(path)?.keys {
@@ -68,22 +55,28 @@ impl LocalVerifier {
     /// keys are refused before any lookup.
     ///
     /// [`key_format`]: crate::ApiKeyLayerBuilder::key_format
+    #[must_use]
     pub fn with_key_format(mut self, format: KeyFormat) -> Self {
         self.format = format;
         self
     }
 
     /// The format of generated keys.
+    #[must_use]
     pub fn key_format(&self) -> &KeyFormat {
         &self.format
     }
 
     /// The store.
+    #[must_use]
     pub fn store(&self) -> &Arc<dyn KeyStore> {
         &self.store
     }
 
     /// Creates a key with these facts and returns the plain key, once.
+    ///
+    /// # Errors
+    /// [`StoreError::Exists`] when the id is taken; [`StoreError::Backend`] when the store fails.
     pub async fn create(&self, facts: KeyFacts) -> Result<CreatedKey, StoreError> {
         let key = self.generate()?;
         let stored = StoredKey::new(facts);
@@ -93,6 +86,9 @@ impl LocalVerifier {
     }
 
     /// Adds a key whose secret is already known (imported, or a fixed development key).
+    ///
+    /// # Errors
+    /// [`StoreError::Exists`] when the id or the secret is taken; [`StoreError::Backend`] when the store fails.
     pub async fn add(&self, key: &ApiKey, facts: KeyFacts) -> Result<Arc<KeyFacts>, StoreError> {
         let stored = StoredKey::new(facts);
         let facts = stored.facts.clone();
@@ -101,21 +97,34 @@ impl LocalVerifier {
     }
 
     /// Disables a key: it is refused (`DISABLED`) until enabled again.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] for an unknown id; [`StoreError::Backend`] when the store fails.
     pub async fn disable(&self, id: &str) -> Result<(), StoreError> {
         self.update(id, |k| k.enabled = false).await
     }
 
     /// Enables a disabled key.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] for an unknown id; [`StoreError::Backend`] when the store fails.
     pub async fn enable(&self, id: &str) -> Result<(), StoreError> {
         self.update(id, |k| k.enabled = true).await
     }
 
     /// Deletes a key for good: it is refused (`DELETED`).
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] for an unknown id; [`StoreError::Backend`] when the store fails.
     pub async fn delete(&self, id: &str) -> Result<(), StoreError> {
         self.update(id, |k| k.deleted = true).await
     }
 
     /// Replaces a key's secret, keeping its id and facts; the old secret stops working at once.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] for an unknown id; [`StoreError::Backend`] when the store fails or the
+    /// OS random source does.
     pub async fn rotate(&self, id: &str) -> Result<ApiKey, StoreError> {
         let (_, stored) = self.store.find(id).await?.ok_or_else(|| StoreError::NotFound(id.into()))?;
         let key = self.generate()?;
@@ -143,7 +152,11 @@ impl LocalVerifier {
 
 impl Verifier for LocalVerifier {
     fn verify_now(&self, key: &PresentedKey<'_>) -> Option<Verification> {
-        self.store.get_now(key).map(Self::answer)
+        match self.store.get_now(key) {
+            Lookup::Found(key) => Some(Self::answer(Some(key))),
+            Lookup::Absent => Some(Self::answer(None)),
+            Lookup::NeedsIo => None,
+        }
     }
 
     fn verify(&self, request: VerifyRequest) -> BoxFuture<'static, Result<Verification, VerifyError>> {

@@ -2,11 +2,11 @@
 #![allow(dead_code)]
 
 #[cfg(feature = "oneloop")]
-pub mod oneloop;
+pub(crate) mod oneloop;
 #[cfg(feature = "redis")]
-pub mod own_redis;
+pub(crate) mod own_redis;
 #[cfg(feature = "oneloop")]
-pub mod usage_server;
+pub(crate) mod usage_server;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
@@ -20,7 +20,7 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 
 /// Serves an axum router on 127.0.0.1 and returns its address.
-pub async fn serve_axum(app: axum::Router) -> SocketAddr {
+pub(crate) async fn serve_axum(app: axum::Router) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -28,7 +28,7 @@ pub async fn serve_axum(app: axum::Router) -> SocketAddr {
 }
 
 /// Serves any tower service over plain hyper (no axum) and returns its address.
-pub async fn serve_hyper<S, B>(service: S) -> SocketAddr
+pub(crate) async fn serve_hyper<S, B>(service: S) -> SocketAddr
 where
     S: tower::Service<Request<hyper::body::Incoming>, Response = Response<B>, Error = Infallible>
         + Clone
@@ -55,25 +55,25 @@ where
 
 /// A response as the client saw it.
 #[derive(Debug)]
-pub struct Reply {
+pub(crate) struct Reply {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: String,
 }
 
 impl Reply {
-    pub fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
 
-    pub fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).map(|v| v.to_str().unwrap())
     }
 }
 
 /// Sends one request over a fresh connection, exactly as built: the path is not normalised, and
 /// duplicate or non-ASCII headers go out as they are.
-pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Reply {
+pub(crate) async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Reply {
     let stream = TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
     tokio::spawn(conn);
@@ -86,12 +86,12 @@ pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Reply {
 }
 
 /// `GET path` with these headers.
-pub async fn fetch(addr: SocketAddr, path: &str, headers: &[(&str, &[u8])]) -> Reply {
+pub(crate) async fn fetch(addr: SocketAddr, path: &str, headers: &[(&str, &[u8])]) -> Reply {
     request(addr, "GET", path, headers).await
 }
 
 /// `method path` with these headers and an empty body.
-pub async fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &[u8])]) -> Reply {
+pub(crate) async fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &[u8])]) -> Reply {
     let mut req = Request::builder().method(method).uri(path);
     for (name, value) in headers {
         req = req.header(*name, http::HeaderValue::from_bytes(value).unwrap());
@@ -100,13 +100,13 @@ pub async fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&st
 }
 
 /// `Authorization: Bearer <key>`.
-pub fn bearer(key: &str) -> (&'static str, Vec<u8>) {
+pub(crate) fn bearer(key: &str) -> (&'static str, Vec<u8>) {
     ("authorization", format!("Bearer {key}").into_bytes())
 }
 
 /// Wraps a verifier and counts how often each half is asked.
 #[derive(Clone)]
-pub struct Counting<V> {
+pub(crate) struct Counting<V> {
     pub inner: V,
     pub now_calls: Arc<AtomicUsize>,
     pub async_calls: Arc<AtomicUsize>,
@@ -115,15 +115,15 @@ pub struct Counting<V> {
 }
 
 impl<V> Counting<V> {
-    pub fn new(inner: V) -> Self {
+    pub(crate) fn new(inner: V) -> Self {
         Self { inner, now_calls: Arc::default(), async_calls: Arc::default(), async_only: false }
     }
 
-    pub fn async_only(inner: V) -> Self {
+    pub(crate) fn async_only(inner: V) -> Self {
         Self { async_only: true, ..Self::new(inner) }
     }
 
-    pub fn calls(&self) -> usize {
+    pub(crate) fn calls(&self) -> usize {
         self.now_calls.load(Ordering::SeqCst) + self.async_calls.load(Ordering::SeqCst)
     }
 }
@@ -144,7 +144,7 @@ impl<V: Verifier> Verifier for Counting<V> {
 }
 
 /// A verifier that always fails, as an unreachable remote would.
-pub struct Unreachable;
+pub(crate) struct Unreachable;
 
 impl Verifier for Unreachable {
     fn verify(&self, _: VerifyRequest) -> BoxFuture<'static, Result<Verification, VerifyError>> {
@@ -153,7 +153,7 @@ impl Verifier for Unreachable {
 }
 
 /// A verifier that answers every key with a fixed verification.
-pub struct Fixed(pub Verification);
+pub(crate) struct Fixed(pub Verification);
 
 impl Verifier for Fixed {
     fn verify_now(&self, _: &PresentedKey<'_>) -> Option<Verification> {
@@ -168,7 +168,7 @@ impl Verifier for Fixed {
 
 /// Log lines captured from a `tracing` subscriber set for the current thread.
 #[derive(Clone, Default)]
-pub struct Captured(pub Arc<std::sync::Mutex<Vec<u8>>>);
+pub(crate) struct Captured(pub Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl std::io::Write for Captured {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -184,7 +184,7 @@ impl std::io::Write for Captured {
 impl Captured {
     /// Captures everything at `level` and above on this thread until the guard drops (use a
     /// current-thread runtime so the server's tasks log here too).
-    pub fn start(level: tracing::Level) -> (Self, tracing::subscriber::DefaultGuard) {
+    pub(crate) fn start(level: tracing::Level) -> (Self, tracing::subscriber::DefaultGuard) {
         let logs = Self::default();
         let writer = logs.clone();
         let subscriber = tracing_subscriber::fmt()
@@ -196,12 +196,12 @@ impl Captured {
     }
 
     /// Everything logged so far.
-    pub fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
 
     /// The lines that contain `needle` (such as `" WARN "`).
-    pub fn lines(&self, needle: &str) -> Vec<String> {
+    pub(crate) fn lines(&self, needle: &str) -> Vec<String> {
         self.text().lines().filter(|l| l.contains(needle)).map(str::to_owned).collect()
     }
 }

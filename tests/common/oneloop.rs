@@ -13,11 +13,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub const TOKEN: &str = "ws_test_token";
+pub(crate) const TOKEN: &str = "ws_test_token";
 
 /// How the fake answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Behaviour {
+pub(crate) enum Behaviour {
     Normal,
     Status500,
     /// `503`: the service says it did not take the request.
@@ -35,7 +35,7 @@ pub enum Behaviour {
 }
 
 #[derive(Default)]
-pub struct Fake {
+pub(crate) struct Fake {
     /// Answers by raw key: the fields of a `VerifyApiKeyResponse` other than `requestedScopes`.
     pub keys: Mutex<HashMap<String, Value>>,
     pub verify_calls: AtomicUsize,
@@ -56,41 +56,41 @@ pub struct Fake {
 }
 
 impl Fake {
-    pub fn set(&self, behaviour: Behaviour) {
+    pub(crate) fn set(&self, behaviour: Behaviour) {
         *self.behaviour.lock().unwrap() = Some(behaviour);
     }
 
-    pub fn set_delay(&self, d: Duration) {
+    pub(crate) fn set_delay(&self, d: Duration) {
         *self.delay.lock().unwrap() = d;
     }
 
-    pub fn calls(&self) -> usize {
+    pub(crate) fn calls(&self) -> usize {
         self.verify_calls.load(Ordering::SeqCst)
     }
 
     /// Registers `key` with this answer (see [`answer`]).
-    pub fn add(&self, key: &str, answer: Value) {
+    pub(crate) fn add(&self, key: &str, answer: Value) {
         self.keys.lock().unwrap().insert(key.to_owned(), answer);
     }
 
     /// Changes one field of `key`'s answer.
-    pub fn patch(&self, key: &str, field: &str, value: Value) {
+    pub(crate) fn patch(&self, key: &str, field: &str, value: Value) {
         self.keys.lock().unwrap().get_mut(key).unwrap()[field] = value;
     }
 
     /// Oneloop's rate-limit windows end: every `rateLimitConfig` counter starts again.
-    pub fn end_rate_windows(&self) {
+    pub(crate) fn end_rate_windows(&self) {
         self.rate_counts.lock().unwrap().clear();
     }
 
-    pub fn assert_no_violations(&self) {
+    pub(crate) fn assert_no_violations(&self) {
         let v = self.violations.lock().unwrap();
         assert!(v.is_empty(), "spec violations: {v:?}");
     }
 }
 
 /// A `VALID` answer for key `id` with these scopes (`"items:read"` form), every nullable field null.
-pub fn answer(id: &str, scopes: &[&str]) -> Value {
+pub(crate) fn answer(id: &str, scopes: &[&str]) -> Value {
     let scopes: Vec<Value> = scopes
         .iter()
         .map(|s| {
@@ -104,7 +104,7 @@ pub fn answer(id: &str, scopes: &[&str]) -> Value {
     })
 }
 
-pub async fn start() -> (SocketAddr, Arc<Fake>) {
+pub(crate) async fn start() -> (SocketAddr, Arc<Fake>) {
     let fake = Arc::new(Fake::default());
     let app = Router::new()
         .route("/api/v1/api-key/verify", post(verify))
@@ -129,8 +129,9 @@ fn admit(fake: &Fake, headers: &HeaderMap, body: &[u8]) -> Result<Value, Box<Res
 }
 
 fn violation(fake: &Fake, what: String) -> Response {
-    fake.violations.lock().unwrap().push(what.clone());
-    error(StatusCode::BAD_REQUEST, &what)
+    let response = error(StatusCode::BAD_REQUEST, &what);
+    fake.violations.lock().unwrap().push(what);
+    response
 }
 
 async fn misbehave(fake: &Fake) -> Option<Response> {
@@ -238,7 +239,7 @@ fn is_scope(v: &Value) -> bool {
 }
 
 /// `VerifyApiKeyRequest`.
-pub fn check_verify_request(req: &Value) -> Result<(), String> {
+pub(crate) fn check_verify_request(req: &Value) -> Result<(), String> {
     req.get("key").filter(|k| k.is_string()).ok_or("key must be a string")?;
     let scopes = req.get("requestedScopes").and_then(Value::as_array).ok_or("requestedScopes must be an array")?;
     if !scopes.iter().all(is_scope) {
@@ -265,7 +266,7 @@ pub fn check_verify_request(req: &Value) -> Result<(), String> {
 }
 
 /// `VerifyApiKeyResponse`, nullable fields included.
-pub fn check_verify_response(res: &Value) -> Result<(), String> {
+pub(crate) fn check_verify_response(res: &Value) -> Result<(), String> {
     let has = |f: &str| res.get(f).is_some();
     for field in
         ["apiKeyId", "expiresAt", "requestedScopes", "status", "billing", "externalMeterId", "customerId", "scopes"]
@@ -303,6 +304,6 @@ pub fn check_verify_response(res: &Value) -> Result<(), String> {
 }
 
 /// Milliseconds since the epoch, `d` from now, as Oneloop writes timestamps.
-pub fn millis_from_now(d: Duration) -> u64 {
+pub(crate) fn millis_from_now(d: Duration) -> u64 {
     (std::time::SystemTime::now() + d).duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
 }

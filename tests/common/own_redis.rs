@@ -4,19 +4,19 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-pub struct OwnRedis {
+pub(crate) struct OwnRedis {
     pub port: u16,
     child: Option<Child>,
 }
 
 /// A free loopback port.
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl OwnRedis {
     /// Starts one on `port` and waits until it answers.
-    pub fn start(port: u16) -> Self {
+    pub(crate) fn start(port: u16) -> Self {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
@@ -31,7 +31,7 @@ impl OwnRedis {
         Self { port, child: Some(child) }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
@@ -41,16 +41,16 @@ impl OwnRedis {
     }
 
     /// `SIGSTOP`: the server holds its connections open and answers nothing.
-    pub fn freeze(&self) {
+    pub(crate) fn freeze(&self) {
         self.signal("-STOP");
     }
 
     /// `SIGCONT`: it runs what queued up meanwhile.
-    pub fn thaw(&self) {
+    pub(crate) fn thaw(&self) {
         self.signal("-CONT");
     }
 
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = Command::new("kill").args(["-CONT", &c.id().to_string()]).status();
             c.kill().unwrap();

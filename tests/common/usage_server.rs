@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// How the server treats a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
+pub(crate) enum Fault {
     /// Records it and answers `200 {}`.
     Normal,
     /// Records it, then answers only after this long.
@@ -26,7 +26,7 @@ pub enum Fault {
     Hang,
 }
 
-pub struct UsageServer {
+pub(crate) struct UsageServer {
     pub addr: SocketAddr,
     /// Units recorded, by (key, usage name).
     pub recorded: Mutex<HashMap<(String, Option<String>), u128>>,
@@ -38,20 +38,20 @@ pub struct UsageServer {
 
 impl UsageServer {
     /// Every call from now on meets `fault`.
-    pub fn set(&self, fault: Fault) {
+    pub(crate) fn set(&self, fault: Fault) {
         *self.fault.lock().unwrap() = (fault, usize::MAX);
     }
 
     /// The next `calls` calls meet `fault`, then the server is normal again.
-    pub fn set_for(&self, fault: Fault, calls: usize) {
+    pub(crate) fn set_for(&self, fault: Fault, calls: usize) {
         *self.fault.lock().unwrap() = (fault, calls);
     }
 
-    pub fn total(&self) -> u128 {
+    pub(crate) fn total(&self) -> u128 {
         self.recorded.lock().unwrap().values().sum()
     }
 
-    pub fn calls(&self) -> usize {
+    pub(crate) fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
     }
 
@@ -64,19 +64,19 @@ impl UsageServer {
         f.0
     }
 
-    pub fn assert_no_violations(&self) {
+    pub(crate) fn assert_no_violations(&self) {
         let v = self.violations.lock().unwrap();
         assert!(v.is_empty(), "spec violations: {v:?}");
     }
 }
 
 /// Starts the server on a free loopback port.
-pub async fn start(token: &'static str) -> Arc<UsageServer> {
+pub(crate) async fn start(token: &'static str) -> Arc<UsageServer> {
     start_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), token)
 }
 
 /// Starts the server on `listener`.
-pub fn start_on(listener: TcpListener, token: &'static str) -> Arc<UsageServer> {
+pub(crate) fn start_on(listener: TcpListener, token: &'static str) -> Arc<UsageServer> {
     let server = Arc::new(UsageServer {
         addr: listener.local_addr().unwrap(),
         recorded: Mutex::default(),

@@ -1,7 +1,7 @@
 //! Usage counted against allowances, per key id.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 
 /// Per key id: what this process charged that its verifier has not reported back yet.
 ///
@@ -23,7 +23,7 @@ struct Entry {
 impl Ledger {
     /// Takes `amount` if `reported + local + amount <= allowed`.
     pub(crate) fn reserve(&self, key_id: &str, (allowed, reported): (u128, u128), amount: u64) -> bool {
-        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut keys = crate::lock::lock(&self.keys);
         let entry = match keys.get_mut(key_id) {
             Some(e) => e,
             None => keys.entry(key_id.into()).or_default(),
@@ -42,20 +42,20 @@ impl Ledger {
 
     /// Counts usage that happened already (no allowance check).
     pub(crate) fn charge(&self, key_id: &str, amount: u64) {
-        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut keys = crate::lock::lock(&self.keys);
         keys.entry(key_id.into()).or_default().local += amount as u128;
     }
 
     /// Drops `key_id`'s count.
     #[cfg(feature = "redis")]
     pub(crate) fn forget(&self, key_id: &str) {
-        self.keys.lock().unwrap_or_else(PoisonError::into_inner).remove(key_id);
+        crate::lock::lock(&self.keys).remove(key_id);
     }
 
     /// Usage counted locally for `key_id`.
     #[cfg(test)]
     pub(crate) fn local(&self, key_id: &str) -> u128 {
-        self.keys.lock().unwrap_or_else(PoisonError::into_inner).get(key_id).map_or(0, |e| e.local)
+        crate::lock::lock(&self.keys).get(key_id).map_or(0, |e| e.local)
     }
 }
 

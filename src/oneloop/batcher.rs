@@ -5,12 +5,12 @@
 //! idempotency key, so a send that may have been recorded (a timeout or reset after the request was
 //! written, a `5xx`) is not sent again unless [`DeliveryPolicy::AtLeastOnce`] asks for it.
 
-use super::{UsageOf, UsageSink};
+use super::{Delivery, OneloopVerifier};
 use crate::key::ApiKey;
-use crate::verify::oneloop::{Delivery, OneloopVerifier};
+use crate::usage::{UsageOf, UsageSink};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::task::{AbortHandle, JoinSet};
@@ -18,7 +18,7 @@ use tokio::task::{AbortHandle, JoinSet};
 /// How the batcher flushes.
 ///
 /// ```
-/// use keygate::usage::BatchConfig;
+/// use keygate::oneloop::BatchConfig;
 /// use std::time::Duration;
 /// let config = BatchConfig::default().interval(Duration::from_millis(500)).max_buffered(50_000);
 /// # let _ = config;
@@ -62,18 +62,21 @@ pub enum DeliveryPolicy {
 impl BatchConfig {
     /// What happens to usage whose send may have been recorded (default
     /// [`DeliveryPolicy::AtMostOnce`]).
+    #[must_use]
     pub fn delivery(mut self, policy: DeliveryPolicy) -> Self {
         self.delivery = policy;
         self
     }
 
     /// How often the buffer is flushed (default 1 s).
+    #[must_use]
     pub fn interval(mut self, d: Duration) -> Self {
         self.interval = d.clamp(Duration::from_millis(1), Duration::from_secs(3600));
         self
     }
 
     /// Flush early once this many (key, usage name) pairs are buffered (default 1 000).
+    #[must_use]
     pub fn batch_size(mut self, n: usize) -> Self {
         self.batch_size = n.max(1);
         self
@@ -81,6 +84,7 @@ impl BatchConfig {
 
     /// The most (key, usage name) pairs held (default 100 000). Usage for a new pair beyond it is
     /// dropped, counted in [`UsageBatcher::overflowed`] and logged.
+    #[must_use]
     pub fn max_buffered(mut self, n: usize) -> Self {
         self.max_buffered = n.max(1);
         self
@@ -88,12 +92,14 @@ impl BatchConfig {
 
     /// The longest wait between retries while Oneloop cannot be reached (default 30 s; it doubles
     /// from the interval, with jitter).
+    #[must_use]
     pub fn max_backoff(mut self, d: Duration) -> Self {
         self.max_backoff = d;
         self
     }
 
     /// Calls to `record-usage` in flight at once (default 16).
+    #[must_use]
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
         self
@@ -128,6 +134,7 @@ pub struct UsageReport {
 
 impl UsageReport {
     /// Whether every recorded unit is accounted for (always true; a test checks it).
+    #[must_use]
     pub fn balances(&self) -> bool {
         let classes = [self.acknowledged, self.rejected, self.uncertain, self.dropped, self.unsent];
         classes.iter().fold(0u64, |sum, n| sum.saturating_add(*n)) == self.recorded
@@ -150,8 +157,8 @@ impl UsageReport {
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-/// use keygate::usage::{BatchConfig, UsageBatcher};
-/// use keygate::verify::oneloop::OneloopVerifier;
+/// use keygate::oneloop::{BatchConfig, UsageBatcher};
+/// use keygate::oneloop::OneloopVerifier;
 /// use keygate::ApiKeyLayer;
 /// use std::time::Duration;
 ///
@@ -211,6 +218,7 @@ impl Accounts {
 
 impl UsageBatcher {
     /// A batcher sending through `oneloop`. Its task starts with the first usage recorded.
+    #[must_use]
     pub fn new(oneloop: OneloopVerifier, config: BatchConfig) -> Self {
         let shared = Shared {
             oneloop,
@@ -225,21 +233,25 @@ impl UsageBatcher {
     }
 
     /// Usage waiting to be sent, in (key, usage name) pairs.
+    #[must_use]
     pub fn pending(&self) -> usize {
         self.shared.lock().buffer.len()
     }
 
     /// Usage dropped because the buffer was full (an amount, not a count of pairs).
+    #[must_use]
     pub fn overflowed(&self) -> u64 {
         self.shared.lock().report.dropped
     }
 
     /// Usage sent and acknowledged by Oneloop (an amount).
+    #[must_use]
     pub fn sent(&self) -> u64 {
         self.shared.lock().report.acknowledged
     }
 
     /// Where every unit recorded so far is now.
+    #[must_use]
     pub fn report(&self) -> UsageReport {
         let books = self.shared.lock();
         UsageReport { unsent: books.unsent(), ..books.report }
@@ -295,7 +307,7 @@ impl UsageBatcher {
 
 impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, Accounts> {
-        self.accounts.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::lock::lock(&self.accounts)
     }
 
     /// Counts new usage and buffers it; usage that finds the buffer full is dropped and counted.

@@ -1,9 +1,10 @@
 //! The route table: route templates to representations.
 
 use super::path::{canonical, check};
-use crate::layer::BuildError;
+use crate::build_error::BuildError;
 use crate::limit::RateLimit;
 use crate::reject::Rejection;
+use crate::scope::{Action, RequiredScope};
 use crate::usage::RouteUsage;
 use std::collections::HashMap;
 use std::fmt;
@@ -20,6 +21,28 @@ pub(crate) enum Route {
     Unmapped,
 }
 
+/// What a request needs to pass its route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Requirement {
+    /// Nothing: a public route.
+    Nothing,
+    /// Any valid key (an unmapped route under [`Unmapped::AnyValidKey`]).
+    AnyKey,
+    /// A key holding this scope.
+    Scope(RequiredScope),
+}
+
+impl Requirement {
+    /// The scope the key must hold, if any.
+    #[inline]
+    pub(crate) fn scope(self) -> Option<RequiredScope> {
+        match self {
+            Self::Scope(scope) => Some(scope),
+            Self::Nothing | Self::AnyKey => None,
+        }
+    }
+}
+
 /// A row of the table: the route, the template it was registered under, and its policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RouteEntry {
@@ -28,21 +51,7 @@ pub(crate) struct RouteEntry {
     pub(crate) policy: RoutePolicy,
 }
 
-/// What a route charges: its cost against rate limits, its own rate limits, and its usage.
-///
-/// ```
-/// use keygate::{RoutePolicy, ScopeMap};
-/// use keygate::limit::RateLimit;
-/// let routes = ScopeMap::new().route_with(
-///     "/v1/search",
-///     "search",
-///     RoutePolicy::new()
-///         .cost(5)                                                // counts 5 against every rate limit
-///         .rate_limit(RateLimit::per_minute("search", 100).unwrap())
-///         .usage(1, Some("searches")),                            // 1 credit of "searches" per request
-/// );
-/// # let _ = routes;
-/// ```
+#[doc = include_str!("../../docs/route_policy.md")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoutePolicy {
     pub(crate) cost: u64,
@@ -54,23 +63,27 @@ impl RoutePolicy {
     const DEFAULT: Self = Self { cost: 1, limits: Vec::new(), usage: None };
 
     /// Cost 1, no limits of its own, no usage.
+    #[must_use]
     pub fn new() -> Self {
         Self::DEFAULT
     }
 
     /// What one request counts against each rate limit (default 1).
+    #[must_use]
     pub fn cost(mut self, cost: u64) -> Self {
         self.cost = cost;
         self
     }
 
     /// A rate limit for this route only, on top of the layer's and the key's.
+    #[must_use]
     pub fn rate_limit(mut self, limit: RateLimit) -> Self {
         self.limits.push(limit);
         self
     }
 
     /// Usage charged per request: `amount` of `name` (Oneloop's `billing.usage` and `usageName`).
+    #[must_use]
     pub fn usage(mut self, amount: u64, name: Option<&str>) -> Self {
         self.usage = Some(RouteUsage { amount, name: name.map(Arc::from) });
         self
@@ -83,8 +96,9 @@ impl Default for RoutePolicy {
     }
 }
 
-/// What happens on a route that is not in the table.
+#[doc = include_str!("../../docs/unmapped.md")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Unmapped {
     /// Any valid key passes, with no scope check (the default): the table only narrows access.
     /// Routes can still check scopes themselves with [`require`](crate::require).
@@ -94,26 +108,9 @@ pub enum Unmapped {
     Deny,
 }
 
-/// A table from route templates to the representation they act on.
-///
-/// Templates use axum's syntax (`/v1/items/{id}`, `/files/{*path}`). The table is matched against
-/// axum's `MatchedPath` when the layer runs inside the router (`route_layer`), and otherwise by the
-/// crate's own matcher on the canonical path, so a plain hyper service gets the same decision. The
-/// own matcher is case-insensitive and decodes escapes (see the crate docs on paths), so no spelling
-/// of a path gets a weaker scope than its plain form.
-///
-/// ```
-/// use keygate::{ScopeMap, Unmapped};
-/// let routes = ScopeMap::new()
-///     .public("/health")
-///     .route("/v1/items", "items")
-///     .route("/v1/items/{id}", "items")
-///     .route("/v1/admin/{*rest}", "admin")
-///     .unmapped(Unmapped::Deny);
-/// # let _ = routes;
-/// ```
+#[doc = include_str!("../../docs/route_table.md")]
 #[derive(Clone)]
-pub struct ScopeMap {
+pub struct RouteTable {
     matcher: matchit::Router<usize>,
     by_template: HashMap<Box<str>, usize>,
     routes: Vec<Arc<RouteEntry>>,
@@ -123,8 +120,9 @@ pub struct ScopeMap {
     error: Option<BuildError>,
 }
 
-impl ScopeMap {
+impl RouteTable {
     /// An empty table: every route is unmapped.
+    #[must_use]
     pub fn new() -> Self {
         Self {
             matcher: matchit::Router::new(),
@@ -138,11 +136,13 @@ impl ScopeMap {
     }
 
     /// Requests on `template` need the method's action on `representation`.
+    #[must_use]
     pub fn route(self, template: &str, representation: &str) -> Self {
         self.route_with(template, representation, RoutePolicy::new())
     }
 
     /// Like [`route`](Self::route), with a cost, rate limits or usage.
+    #[must_use]
     pub fn route_with(self, template: &str, representation: &str, policy: RoutePolicy) -> Self {
         if representation.is_empty() {
             return self.fail(template, "the representation is empty".into());
@@ -154,11 +154,13 @@ impl ScopeMap {
     }
 
     /// Requests on `template` need no key.
+    #[must_use]
     pub fn public(self, template: &str) -> Self {
         self.insert(template, Route::Public, RoutePolicy::new())
     }
 
     /// What happens on routes not in the table.
+    #[must_use]
     pub fn unmapped(mut self, policy: Unmapped) -> Self {
         self.unmapped = policy;
         self
@@ -168,6 +170,7 @@ impl ScopeMap {
     /// them, as servers that use them do (default: refused with `400 invalid-path`, because servers
     /// that strip them would read `/items/..;/admin` as `/admin`). Turn on only if your inner service
     /// strips them too.
+    #[must_use]
     pub fn matrix_parameters(mut self, allow: bool) -> Self {
         self.matrix = allow;
         self
@@ -176,6 +179,22 @@ impl ScopeMap {
     /// The policy for unmapped routes.
     pub fn unmapped_policy(&self) -> Unmapped {
         self.unmapped
+    }
+
+    /// What `entry` (found by [`resolve`](Self::resolve)) needs from a request with `method`.
+    #[inline]
+    pub(crate) fn requirement(&self, entry: &RouteEntry, method: &http::Method) -> Result<Requirement, Rejection> {
+        match &entry.route {
+            Route::Public => Ok(Requirement::Nothing),
+            Route::Resource(representation) => {
+                let action = Action::from_method(method).ok_or(Rejection::UnmappedRoute)?;
+                Ok(Requirement::Scope(RequiredScope { representation: representation.clone(), action }))
+            }
+            Route::Unmapped => match self.unmapped {
+                Unmapped::AnyValidKey => Ok(Requirement::AnyKey),
+                Unmapped::Deny => Err(Rejection::UnmappedRoute),
+            },
+        }
     }
 
     fn insert(mut self, template: &str, route: Route, policy: RoutePolicy) -> Self {
@@ -221,17 +240,17 @@ impl ScopeMap {
     }
 }
 
-impl Default for ScopeMap {
+impl Default for RouteTable {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl fmt::Debug for ScopeMap {
+impl fmt::Debug for RouteTable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut routes: Vec<_> = self.by_template.iter().map(|(t, &i)| (t, &self.routes[i].route)).collect();
         routes.sort_by(|a, b| a.0.cmp(b.0));
-        f.debug_struct("ScopeMap").field("routes", &routes).field("unmapped", &self.unmapped).finish()
+        f.debug_struct("RouteTable").field("routes", &routes).field("unmapped", &self.unmapped).finish()
     }
 }
 
@@ -241,7 +260,7 @@ mod tests {
 
     #[test]
     fn templates_and_paths() {
-        let map = ScopeMap::new().public("/health").route("/v1/items/{id}", "items").route("/v1/Admin", "admin");
+        let map = RouteTable::new().public("/health").route("/v1/items/{id}", "items").route("/v1/Admin", "admin");
         assert_eq!(&map.resolve(None, "/health").unwrap().route, &Route::Public);
         assert_eq!(&map.resolve(None, "/V1/ITEMS/ABC").unwrap().route, &Route::Resource("items".into()));
         assert_eq!(&map.resolve(None, "/v1/admin/").unwrap().route, &Route::Resource("admin".into()));
@@ -252,10 +271,10 @@ mod tests {
 
     #[test]
     fn bad_tables_say_what_is_wrong() {
-        let mut map = ScopeMap::new().route("/a/{id}", "x").route("/a/{other}", "y");
+        let mut map = RouteTable::new().route("/a/{id}", "x").route("/a/{other}", "y");
         let err = map.take_error().unwrap().to_string();
         assert!(err.contains("/a/{other}"), "{err}");
-        let mut map = ScopeMap::new().route("nope", "x");
+        let mut map = RouteTable::new().route("nope", "x");
         assert!(map.take_error().unwrap().to_string().contains("starts with"));
     }
 }

@@ -1,11 +1,11 @@
 //! Per-route scope annotations: a small layer that checks the [`VerifiedKey`] the gate put in the
 //! request's extensions.
 
-use super::{Action, RequiredScope};
 use crate::body::ResponseBody;
 use crate::context::{refuse_after_gate, Gated, VerifiedKey};
 use crate::future::ResponseFuture;
 use crate::reject::Rejection;
+use crate::scope::{Action, RequiredScope};
 use http::{Request, Response};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -28,16 +28,18 @@ use tower_service::Service;
 ///     .route("/v1/reports", get(|| async { "reports" }).route_layer(require("reports")))
 ///     .layer(ApiKeyLayer::new(LocalVerifier::in_memory()));
 /// ```
+#[must_use]
 pub fn require(representation: &str) -> RequireLayer {
     RequireLayer { representation: representation.into(), action: None }
 }
 
 /// Requires exactly `action` on `representation`, whatever the method.
+#[must_use]
 pub fn require_scope(representation: &str, action: Action) -> RequireLayer {
     RequireLayer { representation: representation.into(), action: Some(action) }
 }
 
-/// The layer made by [`require`] and [`require_scope`].
+#[doc = include_str!("../docs/require.md")]
 #[derive(Debug, Clone)]
 pub struct RequireLayer {
     representation: Arc<str>,

@@ -10,14 +10,19 @@
 //!   `rateLimitConfig`, so Oneloop meters and limits exactly, at the cost of a round trip on every
 //!   request and of Oneloop's availability becoming yours.
 
+mod batcher;
+
+pub use batcher::{BatchConfig, DeliveryPolicy, UsageBatcher, UsageReport};
+
 mod client;
 mod wire;
 
+use crate::boxed::BoxFuture;
 use crate::breaker::{Breaker, BreakerConfig};
+use crate::build_error::BuildError;
 use crate::cache::{CacheConfig, CachedVerifier};
 use crate::key::{ApiKey, PresentedKey};
-use crate::layer::BuildError;
-use crate::verify::{BoxFuture, Verification, Verifier, VerifyError, VerifyRequest};
+use crate::verify::{Verification, Verifier, VerifyError, VerifyRequest};
 pub(crate) use client::Delivery;
 use client::{CallError, Client};
 use std::fmt;
@@ -36,6 +41,7 @@ pub const DEFAULT_USAGE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How the verifier uses Oneloop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Mode {
     /// Verify each key once per TTL and decide scopes and limits locally (the default).
     #[default]
@@ -44,17 +50,7 @@ pub enum Mode {
     PerRequest,
 }
 
-/// Verifies keys with Oneloop. Cloning shares the client, the cache and the circuit breaker.
-///
-/// ```no_run
-/// use keygate::verify::oneloop::OneloopVerifier;
-/// use keygate::ApiKeyLayer;
-///
-/// let oneloop = OneloopVerifier::builder(std::env::var("ONELOOP_API_KEY").unwrap()).build().unwrap();
-/// let layer = ApiKeyLayer::new(oneloop.clone());
-/// oneloop.invalidate("kg_a_key_just_revoked");
-/// # let _ = layer;
-/// ```
+#[doc = include_str!("../../docs/oneloop_verifier.md")]
 #[derive(Clone)]
 pub struct OneloopVerifier {
     upstream: Upstream,
@@ -92,11 +88,13 @@ impl OneloopVerifier {
     }
 
     /// The cache, in cached mode.
+    #[must_use]
     pub fn cache(&self) -> Option<&CachedVerifier<impl Verifier>> {
         self.cache.as_ref()
     }
 
     /// Whether the circuit breaker is open (Oneloop is being left alone).
+    #[must_use]
     pub fn circuit_open(&self) -> bool {
         self.upstream.0.breaker.is_open()
     }
@@ -107,7 +105,7 @@ impl OneloopVerifier {
     /// # Errors
     /// Any answer but a `2xx`. The call has no idempotency key: after a timeout or a `5xx` the usage
     /// may have been recorded, so sending it again may count it twice (the
-    /// [`UsageBatcher`](crate::usage::UsageBatcher) does not, by default).
+    /// [`UsageBatcher`] does not, by default).
     pub async fn record_usage(&self, key: &ApiKey, usage: u64, usage_name: Option<&str>) -> Result<(), VerifyError> {
         match self.deliver_usage(key, usage, usage_name).await {
             Delivery::Acknowledged => Ok(()),
@@ -164,6 +162,7 @@ impl OneloopBuilder {
     /// The server (default [`DEFAULT_BASE_URL`]): for tests and self-hosted peers. It must be
     /// `https`, or plain `http` to a loopback address (`127.0.0.0/8`, `[::1]`, `localhost`), or plain
     /// `http` anywhere with [`allow_http`](Self::allow_http): every call carries a user's key.
+    #[must_use]
     pub fn base_url(mut self, url: impl Into<String>) -> Self {
         self.base_url = url.into();
         self
@@ -171,12 +170,14 @@ impl OneloopBuilder {
 
     /// Allow a plain-`http` base URL that is not loopback (default off): your users' keys then cross
     /// the network in clear text. For a sidecar on a private network you trust.
+    #[must_use]
     pub fn allow_http(mut self, allow: bool) -> Self {
         self.allow_http = allow;
         self
     }
 
     /// The time allowed for one verify call (default 300 ms).
+    #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -185,6 +186,7 @@ impl OneloopBuilder {
     /// The time allowed for one record-usage call (default [`DEFAULT_USAGE_TIMEOUT`], 5 s). It is
     /// off the request path, and a call that times out may have been recorded (and is then not
     /// sent again by default), so it should be generous.
+    #[must_use]
     pub fn usage_timeout(mut self, timeout: Duration) -> Self {
         self.usage_timeout = timeout;
         self
@@ -193,30 +195,39 @@ impl OneloopBuilder {
     /// Your own `reqwest::Client` (proxies, pools, TLS roots). Build it with
     /// `.redirect(reqwest::redirect::Policy::none())`: a client that follows redirects would
     /// re-send your users' keys to wherever a redirect points.
+    #[must_use]
     pub fn client(mut self, client: reqwest::Client) -> Self {
         self.client = Some(client);
         self
     }
 
     /// Cached (default) or per-request; see the [module docs](self).
+    #[must_use]
     pub fn mode(mut self, mode: Mode) -> Self {
         self.mode = mode;
         self
     }
 
     /// The cache's settings, in cached mode.
+    #[must_use]
     pub fn cache(mut self, config: CacheConfig) -> Self {
         self.cache = config;
         self
     }
 
     /// The circuit breaker's settings.
+    #[must_use]
     pub fn breaker(mut self, config: BreakerConfig) -> Self {
         self.breaker = config;
         self
     }
 
     /// Checks the settings and builds the verifier.
+    ///
+    /// # Errors
+    /// [`BuildError::Verifier`] for a token that is empty or not visible ASCII, a base URL that is not
+    /// an `http(s)` URL with a host, plain `http` to a host other than loopback without `allow_http`,
+    /// a timeout of zero, or an HTTP client that cannot be built.
     pub fn build(self) -> Result<OneloopVerifier, BuildError> {
         let bad = |m: &str| Err(BuildError::Verifier(m.into()));
         if self.token.is_empty() || !self.token.bytes().all(|b| b.is_ascii_graphic()) {
@@ -293,15 +304,15 @@ impl Verifier for Upstream {
                 requested_scopes: request.scope.iter().filter(|_| per_request).map(|s| s.to_scope()).collect(),
                 route: request.route.as_deref().filter(|_| per_request),
                 billing: request
-                    .billing
+                    .usage
                     .as_ref()
                     .filter(|_| per_request)
-                    .map(|b| BillingBody { usage: b.usage.to_string(), usage_name: b.usage_name.as_deref() }),
+                    .map(|u| BillingBody { usage: u.amount.to_string(), usage_name: u.name.as_deref() }),
                 rate_limit_config: request
                     .rate_limit
                     .as_ref()
                     .filter(|_| per_request)
-                    .map(|r| RateLimitBody { id: &r.id, limit: r.limit }),
+                    .map(|l| RateLimitBody { id: l.name(), limit: l.limit() }),
             };
             let result = this.client.verify(&body).await.and_then(|response| {
                 let mut verification =

@@ -4,23 +4,13 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::fmt;
 
-/// A key's metadata: string keys to string values, sorted by key.
-///
-/// A sorted vector rather than a `BTreeMap`: keys have a handful of entries, and a map's node
-/// costs half a kilobyte per cached key even for one entry. Serialises as a JSON/TOML map.
-///
-/// ```
-/// let mut m = keygate::verify::Metadata::default();
-/// m.insert("plan", "pro");
-/// m.insert("region", "eu");
-/// assert_eq!(m.get("plan"), Some("pro"));
-/// assert_eq!(m.iter().map(|(k, _)| k).collect::<Vec<_>>(), ["plan", "region"]);
-/// ```
+#[doc = include_str!("../../docs/metadata.md")]
 #[derive(Clone, PartialEq, Eq, Default)]
 pub struct Metadata(Vec<(Box<str>, Box<str>)>);
 
 impl Metadata {
     /// The value of `key`.
+    #[must_use]
     pub fn get(&self, key: &str) -> Option<&str> {
         self.find(key).ok().map(|i| &*self.0[i].1)
     }
@@ -40,11 +30,13 @@ impl Metadata {
     }
 
     /// How many entries there are.
+    #[must_use]
     pub fn len(&self) -> usize {
         self.0.len()
     }
 
     /// Whether there are none.
+    #[must_use]
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

@@ -7,7 +7,7 @@
 //! negative `resetAt` (as now), an empty `apiKeyId` on a refusal.
 
 use crate::scope::Scope;
-use crate::verify::{BillingMeter, KeyFacts, KeyStatus, RateLimitState, Verification};
+use crate::verify::{BillingMeter, KeyFacts, KeyStatus, ReportedLimit, Verification};
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -187,7 +187,7 @@ impl VerifyResponse {
             ..KeyFacts::default()
         };
         let mut verification = Verification::new(self.status, Arc::new(facts));
-        verification.rate_limit = self.rate_limit.map(|r| RateLimitState {
+        verification.rate_limit = self.rate_limit.map(|r| ReportedLimit {
             remaining: r.remaining.max(0) as u64,
             // A reset in the past (or before 1970) is now.
             reset_at: u64::try_from(r.reset_at).ok().filter(|n| *n > 0).map_or(UNIX_EPOCH, instant),

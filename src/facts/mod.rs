@@ -1,0 +1,147 @@
+//! What a key is: its [`KeyStatus`] and its [`KeyFacts`] (id, scopes, expiry, metadata, its own
+//! limits and allowance), as verifiers answer them, caches keep them and stores hold them.
+
+mod metadata;
+
+pub use metadata::Metadata;
+
+use crate::limit::RateLimit;
+use crate::scope::Scope;
+use serde::{Deserialize, Serialize};
+use std::time::SystemTime;
+
+#[doc = include_str!("../../docs/key_status.md")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[non_exhaustive]
+pub enum KeyStatus {
+    /// The key may be used.
+    Valid,
+    /// Past its `expires_at`.
+    Expired,
+    /// Switched off; may be switched on again.
+    Disabled,
+    /// Deleted for good.
+    Deleted,
+    /// Over a rate limit.
+    RateLimited,
+    /// Over its usage limit.
+    UsageLimited,
+    /// Lacks the requested scope.
+    InvalidScopes,
+    /// Unknown.
+    Invalid,
+}
+
+#[doc = include_str!("../../docs/key_facts.md")]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct KeyFacts {
+    /// The key's id (Oneloop's `apiKeyId`).
+    pub id: String,
+    /// A human name, if any.
+    pub name: Option<String>,
+    /// The scopes the key holds.
+    pub scopes: Vec<Scope>,
+    /// When the key stops working, if ever.
+    pub expires_at: Option<SystemTime>,
+    /// Free-form metadata.
+    pub metadata: Metadata,
+    /// The customer the key belongs to.
+    pub customer_id: Option<String>,
+    /// The customer's billing meter (Oneloop), if any. Boxed: most keys have none.
+    pub billing: Option<Box<BillingMeter>>,
+    /// Oneloop's `externalMeterId`.
+    pub external_meter_id: Option<String>,
+    /// The key's own rate limit (local verifier), enforced with the layer's and the route's. Boxed:
+    /// most keys have none.
+    pub rate_limit: Option<Box<RateLimit>>,
+    /// The key's usage allowance in total (local verifier); Oneloop keys use `billing` instead.
+    pub usage_limit: Option<u64>,
+}
+
+impl KeyFacts {
+    /// Facts for key `id`, with no scopes, expiry, metadata or customer.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self { id: id.into(), ..Self::default() }
+    }
+
+    /// These facts with `name`.
+    #[must_use]
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// These facts with `scopes`.
+    #[must_use]
+    pub fn with_scopes(mut self, scopes: impl IntoIterator<Item = Scope>) -> Self {
+        self.scopes = scopes.into_iter().collect();
+        self
+    }
+
+    /// These facts with an expiry.
+    #[must_use]
+    pub fn with_expiry(mut self, at: SystemTime) -> Self {
+        self.expires_at = Some(at);
+        self
+    }
+
+    /// These facts with a metadata entry.
+    #[must_use]
+    pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// These facts with a customer.
+    #[must_use]
+    pub fn with_customer(mut self, customer_id: impl Into<String>) -> Self {
+        self.customer_id = Some(customer_id.into());
+        self
+    }
+
+    /// These facts with a rate limit of the key's own.
+    #[must_use]
+    pub fn with_rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rate_limit = Some(Box::new(limit));
+        self
+    }
+
+    /// These facts with a usage allowance.
+    #[must_use]
+    pub fn with_usage_limit(mut self, limit: u64) -> Self {
+        self.usage_limit = Some(limit);
+        self
+    }
+
+    /// Whether the key is past its expiry at `now`.
+    #[must_use]
+    pub fn is_expired_at(&self, now: SystemTime) -> bool {
+        self.expires_at.is_some_and(|at| now >= at)
+    }
+}
+
+/// A customer's credit meter, as Oneloop reports it. Amounts are whole credits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct BillingMeter {
+    /// The meter's id.
+    pub id: String,
+    /// Credits granted in total.
+    pub total_credits: u128,
+    /// Credits used so far.
+    pub used_credits: u128,
+    /// Whether usage may go past `total_credits`.
+    pub allow_overages: bool,
+    /// The most that may be used with overages, if capped.
+    pub spend_cap: Option<u128>,
+}
+
+impl BillingMeter {
+    /// A meter with these amounts, no overages and no cap.
+    pub fn new(id: impl Into<String>, total_credits: u128, used_credits: u128) -> Self {
+        Self { id: id.into(), total_credits, used_credits, allow_overages: false, spend_cap: None }
+    }
+}

@@ -1,0 +1,201 @@
+//! The gate: one request's straight line, from key to verdict, each step a small policy of its own.
+//!
+//! `intake (preflight? key, format) ─► route (what it requires) ─► verify (now, or later) ─► decide
+//! (status, expiry, scope) ─► enforce (rate limits and usage allowance, then usage recorded) ─► hand over`
+
+mod decide;
+mod enforce;
+mod intake;
+
+pub(crate) use decide::Decide;
+pub(crate) use enforce::Enforce;
+pub(crate) use intake::Intake;
+
+use crate::boxed::BoxFuture;
+use crate::context::{Gated, VerifiedKey};
+use crate::key::{ApiKey, KeyDigest, PresentedKey};
+use crate::limit::RateLimitHeaders;
+use crate::outage::Outage;
+use crate::reject::{Rejection, Responder};
+use crate::route::{Requirement, RouteEntry, RouteTable};
+use crate::scope::RequiredScope;
+use crate::verify::{Verifier, VerifyRequest};
+use bytes::Bytes;
+use http::{Request, Response};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// Everything the layer was configured with, one field per step; shared by every clone of the
+/// layer and its services.
+pub(crate) struct Gate {
+    pub(crate) intake: Intake,
+    pub(crate) routes: RouteTable,
+    pub(crate) verifier: Arc<dyn Verifier>,
+    pub(crate) unverifiable: Unverifiable,
+    pub(crate) decide: Decide,
+    pub(crate) enforce: Arc<Enforce>,
+    pub(crate) responder: Arc<dyn Responder>,
+}
+
+/// What happens when the verifier cannot answer.
+pub(crate) struct Unverifiable {
+    /// Let the request through without a key's facts, instead of a `503`.
+    pub(crate) fail_open: bool,
+    /// Requests let through unverified by `fail_open`.
+    pub(crate) fail_open_count: AtomicU64,
+    /// The verifier's failures, logged as state changes, not per request.
+    pub(crate) outage: Outage,
+}
+
+/// The refusals whose wording the layer configures, made the same way by every step.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Refusals {
+    /// `402` instead of `429` for spent usage allowances.
+    pub(crate) usage_payment_required: bool,
+    /// `Retry-After` of a `503`, unless the failing dependency says when.
+    pub(crate) unavailable_retry_after: Duration,
+}
+
+impl Refusals {
+    pub(crate) fn usage_limited(self) -> Rejection {
+        Rejection::UsageLimited { payment_required: self.usage_payment_required }
+    }
+
+    pub(crate) fn unavailable(self) -> Rejection {
+        Rejection::Unavailable { retry_after: self.unavailable_retry_after }
+    }
+}
+
+/// A request let through: its verified key (if any) and the rate-limit headers for its response.
+pub(crate) type Passed = (Option<VerifiedKey>, Option<RateLimitHeaders>);
+
+/// The gate's verdict on a request, as far as it can tell without waiting.
+pub(crate) enum Admission {
+    Pass(Passed),
+    Reject(Rejection),
+    /// The verifier or the limiter needs I/O: wait for this.
+    Pending(BoxFuture<'static, Result<Passed, Rejection>>),
+}
+
+impl Gate {
+    pub(crate) fn admit<B>(self: &Arc<Self>, req: &mut Request<B>) -> Admission {
+        if self.intake.lets_through(req) {
+            return Admission::Pass((None, None));
+        }
+        let entry = match self.routes.resolve(matched_path(req), req.uri().path()) {
+            Ok(entry) => entry,
+            Err(rejection) => return refused(rejection),
+        };
+        let scope = match self.routes.requirement(entry, req.method()) {
+            Ok(Requirement::Nothing) => return Admission::Pass((None, None)),
+            Ok(requirement) => requirement.scope(),
+            Err(rejection) => return refused(rejection),
+        };
+        let found = match self.intake.take(req) {
+            Ok(Some(found)) => found,
+            Ok(None) => return Admission::Pass((None, None)),
+            Err(rejection) => return Admission::Reject(rejection),
+        };
+        let presented = PresentedKey::new(&found.key);
+        let verification = self.verifier.verify_now(&presented);
+        // The raw key outlives this borrow only where something needs it: the async verifier, or a
+        // usage sink that reports by key. The SHA-256 is computed only on a miss.
+        let needs_key = self.enforce.metering.needs_key();
+        let raw = (verification.is_none() || needs_key).then(|| presented.to_owned_key());
+        let miss = verification.is_none().then(|| *presented.digest());
+        let source = found.source;
+        self.intake.hide(source, req);
+        let Some(verification) = verification else {
+            let (key, digest) = (raw.expect("kept for the verifier"), miss.expect("hashed on a miss"));
+            return Admission::Pending(self.verify_later(key, digest, scope, entry));
+        };
+        match self.decide.decide(verification, scope.as_ref(), SystemTime::now) {
+            Ok(key) => self.enforce.enforce(key, entry, raw, None),
+            Err(rejection) => Admission::Reject(rejection),
+        }
+    }
+
+    fn verify_later(
+        self: &Arc<Self>,
+        key: ApiKey,
+        digest: KeyDigest,
+        scope: Option<RequiredScope>,
+        entry: &Arc<RouteEntry>,
+    ) -> BoxFuture<'static, Result<Passed, Rejection>> {
+        let raw = self.enforce.metering.needs_key().then(|| key.clone());
+        let mut request = VerifyRequest::hashed(digest, key);
+        request.scope = scope.clone();
+        request.route = entry.template.clone();
+        request.usage = entry.policy.usage.clone();
+        request.rate_limit = entry.policy.limits.first().cloned();
+        let verification = self.verifier.verify(request);
+        let (gate, entry) = (Arc::clone(self), Arc::clone(entry));
+        Box::pin(async move {
+            let on_error = &gate.unverifiable;
+            let verification = match verification.await {
+                Ok(verification) => {
+                    // A stale answer means the verifier is still failing.
+                    if !verification.stale {
+                        on_error.outage.recovered();
+                    }
+                    verification
+                }
+                Err(error) if on_error.fail_open => {
+                    on_error.fail_open_count.fetch_add(1, Ordering::Relaxed);
+                    on_error.outage.failed(&error);
+                    return Ok((Some(VerifiedKey::fail_open(&gate.responder)), None));
+                }
+                Err(error) => {
+                    on_error.outage.failed(&error);
+                    return Err(match error.retry_after() {
+                        Some(retry_after) => Rejection::Unavailable { retry_after },
+                        None => gate.decide.refusals.unavailable(),
+                    });
+                }
+            };
+            // Per-request Oneloop counted the route's usage and its first limit already.
+            let counted = verification.counted.then_some(verification.rate_limit);
+            let key = gate.decide.decide(verification, scope.as_ref(), SystemTime::now)?;
+            match gate.enforce.enforce(key, &entry, raw, counted) {
+                Admission::Pass(passed) => Ok(passed),
+                Admission::Reject(rejection) => Err(rejection),
+                Admission::Pending(limits) => limits.await,
+            }
+        })
+    }
+
+    /// Puts what the gate learnt into the request for the inner service: the verified key, or a
+    /// mark that a gate let it through without one.
+    pub(crate) fn hand_over<B>(&self, req: &mut Request<B>, key: Option<VerifiedKey>) {
+        let extensions = req.extensions_mut();
+        match key {
+            Some(key) => drop(extensions.insert(key)),
+            None => drop(extensions.insert(Gated(Arc::clone(&self.responder)))),
+        }
+    }
+
+    /// The responder's response, with the rate-limit headers of a `429`.
+    pub(crate) fn respond(&self, rejection: &Rejection) -> Response<Bytes> {
+        let mut response = self.responder.respond(rejection);
+        if let Some(headers) = enforce::refused_headers(self.enforce.header_style, rejection) {
+            headers.insert_into(response.headers_mut());
+        }
+        response
+    }
+}
+
+fn refused(rejection: Rejection) -> Admission {
+    tracing::debug!(%rejection, "keygate: refused");
+    Admission::Reject(rejection)
+}
+
+#[cfg(feature = "axum")]
+fn matched_path<B>(req: &Request<B>) -> Option<&str> {
+    req.extensions().get::<axum::extract::MatchedPath>().map(|m| m.as_str())
+}
+
+#[cfg(not(feature = "axum"))]
+fn matched_path<B>(_: &Request<B>) -> Option<&str> {
+    None
+}
