@@ -4,14 +4,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// When the breaker opens and how long it stays open.
-///
-/// ```
-/// use keygate::breaker::BreakerConfig;
-/// use std::time::Duration;
-/// let config = BreakerConfig::default().failure_threshold(3).cool_down(Duration::from_secs(10));
-/// # let _ = config;
-/// ```
+#[doc = include_str!("../docs/breaker_config.md")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BreakerConfig {
     failure_threshold: u32,

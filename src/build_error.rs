@@ -6,7 +6,7 @@ use std::time::Duration;
 /// The longest key the layer can be set to accept ([`max_key_len`](crate::ApiKeyLayerBuilder::max_key_len)).
 pub const KEY_LEN_CEILING: usize = 4096;
 
-/// The layer's configuration is not valid.
+#[doc = include_str!("../docs/build_error.md")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum BuildError {

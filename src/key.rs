@@ -6,14 +6,7 @@
 use sha2::{Digest as _, Sha256};
 use std::fmt;
 
-/// A raw API key as presented by a client. A secret: its `Debug` shows a short prefix at most,
-/// and it has no `Display`.
-///
-/// ```
-/// let key = keygate::ApiKey::new("kg_0123456789abcdefghijklmnopqrstuvwxyz");
-/// assert_eq!(format!("{key:?}"), "ApiKey(\"kg_0…\")");
-/// assert_eq!(key.expose_secret(), "kg_0123456789abcdefghijklmnopqrstuvwxyz");
-/// ```
+#[doc = include_str!("../docs/api_key.md")]
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct ApiKey(Box<str>);
 
@@ -48,7 +41,7 @@ impl fmt::Debug for ApiKey {
     }
 }
 
-/// A short, loggable prefix of a key (see [`ApiKey::redacted`]).
+#[doc = include_str!("../docs/redacted.md")]
 #[derive(Clone, Copy)]
 pub struct Redacted<'a>(&'a str);
 
@@ -75,16 +68,7 @@ impl fmt::Debug for Redacted<'_> {
     }
 }
 
-/// The SHA-256 digest of a key. Stores, caches and limiters are keyed by it, never by the key.
-///
-/// Its text form is `sha256:` and 64 lowercase hex digits, as in a key file.
-///
-/// ```
-/// let d = keygate::KeyDigest::of("secret");
-/// let text = d.to_string();
-/// assert!(text.starts_with("sha256:2bb80d53"));
-/// assert_eq!(text.parse::<keygate::KeyDigest>().unwrap(), d);
-/// ```
+#[doc = include_str!("../docs/key_digest.md")]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct KeyDigest([u8; 32]);
 
@@ -121,7 +105,7 @@ impl fmt::Debug for KeyDigest {
     }
 }
 
-/// The text was not `sha256:` followed by 64 hex digits.
+#[doc = include_str!("../docs/parse_digest_error.md")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParseDigestError;
 
@@ -150,10 +134,7 @@ impl std::str::FromStr for KeyDigest {
     }
 }
 
-/// A fast, keyed 128-bit digest of a key: two SipHash-1-3 with keys drawn from the OS random
-/// source once per process. It is what in-memory lookups on the hot path go by (a software
-/// SHA-256 costs ten times more); like the SHA-256 it is a digest, not the key, but it is only
-/// meaningful inside this process, so anything persisted or shared uses [`KeyDigest`].
+#[doc = include_str!("../docs/fingerprint.md")]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Fingerprint(u128);
 
@@ -173,8 +154,7 @@ impl fmt::Debug for Fingerprint {
     }
 }
 
-/// A key as presented with a request, for the synchronous lookups: its digests are computed when
-/// first asked for, so a warm lookup by [`fingerprint`](Self::fingerprint) never pays for the SHA-256.
+#[doc = include_str!("../docs/presented_key.md")]
 pub struct PresentedKey<'a> {
     raw: &'a str,
     digest: std::cell::OnceCell<KeyDigest>,
@@ -278,7 +258,7 @@ pub enum KeyFormat {
     },
 }
 
-/// A server secret for [`KeyFormat::keyed`]: 128 bits. Never printed.
+#[doc = include_str!("../docs/key_secret.md")]
 #[derive(Clone, PartialEq, Eq)]
 pub struct KeySecret([u8; 16]);
 
@@ -321,7 +301,7 @@ impl fmt::Debug for KeySecret {
     }
 }
 
-/// A key secret shorter than 16 bytes.
+#[doc = include_str!("../docs/invalid_secret.md")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvalidSecret;
 
@@ -333,7 +313,7 @@ impl fmt::Display for InvalidSecret {
 
 impl std::error::Error for InvalidSecret {}
 
-/// A key prefix was empty, too long or not made of `[A-Za-z0-9_-]`; or a keyed format had no secret.
+#[doc = include_str!("../docs/invalid_prefix.md")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvalidPrefix;
 
@@ -505,8 +485,7 @@ mod tests {
     }
 }
 
-/// The operating system's random source failed, so no key or secret could be generated. Keys are
-/// never generated from a weaker source.
+#[doc = include_str!("../docs/randomness_error.md")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RandomnessError(String);
 

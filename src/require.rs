@@ -54,7 +54,7 @@ impl<S> Layer<S> for RequireLayer {
     }
 }
 
-/// The service made by [`RequireLayer`].
+#[doc = include_str!("../docs/require_service.md")]
 #[derive(Debug, Clone)]
 pub struct RequireService<S> {
     inner: S,

@@ -123,7 +123,7 @@ impl KeyFacts {
     }
 }
 
-/// A customer's credit meter, as Oneloop reports it. Amounts are whole credits.
+#[doc = include_str!("../../docs/billing_meter.md")]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct BillingMeter {

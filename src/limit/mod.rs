@@ -31,8 +31,7 @@ pub struct RateLimit {
     policy: http::HeaderValue,
 }
 
-/// A limit of zero or above [`RateLimit::MAX_LIMIT`], a window under a millisecond or above
-/// [`RateLimit::MAX_WINDOW`], or a name that is empty, too long or not a token.
+#[doc = include_str!("../../docs/invalid_limit.md")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvalidLimit(String);
 
@@ -174,7 +173,7 @@ impl fmt::Display for RateLimit {
     }
 }
 
-/// One limit's state after a request passed it.
+#[doc = include_str!("../../docs/limit_state.md")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitState {
     /// The limit.
@@ -185,7 +184,7 @@ pub struct LimitState {
     pub reset: Duration,
 }
 
-/// A request refused by a limit; nothing was consumed from any limit.
+#[doc = include_str!("../../docs/denied.md")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denied {
     /// The limit that refused.
@@ -194,7 +193,7 @@ pub struct Denied {
     pub retry_after: Duration,
 }
 
-/// Usage a request would take from its key's allowance.
+#[doc = include_str!("../../docs/usage_charge.md")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UsageCharge {
     /// What the key may use in total.
@@ -205,7 +204,7 @@ pub struct UsageCharge {
     pub amount: u64,
 }
 
-/// What one request asks of the limiter: its rate limits, each with its cost, and its usage.
+#[doc = include_str!("../../docs/limit_request.md")]
 #[derive(Debug, Clone, Copy)]
 pub struct LimitRequest<'a> {
     /// The limits and the request's cost against each.
@@ -214,7 +213,7 @@ pub struct LimitRequest<'a> {
     pub usage: Option<UsageCharge>,
 }
 
-/// Why a request was refused. Nothing was consumed.
+#[doc = include_str!("../../docs/refusal.md")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Refusal {
@@ -262,7 +261,7 @@ pub(crate) fn per_entry(
     asked.iter().filter_map(|(l, _)| states.iter().find(|s| s.limit == *l).cloned()).collect()
 }
 
-/// The limiter could not decide (its backend is unreachable, slow or refusing).
+#[doc = include_str!("../../docs/limit_error.md")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitError {
     reason: String,

@@ -9,6 +9,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 /// What a [`RedisLimiter`] does when Redis does not answer within its timeout.
+///
+/// The example runs against the Redis at `REDIS_URL` (and is reported ignored where that is unset).
+///
+#[cfg_attr(keygate_redis_url, doc = "```rust")]
+#[cfg_attr(not(keygate_redis_url), doc = "```rust,ignore")]
+#[doc = include_str!("../../docs/fallback.md")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Fallback {
@@ -22,44 +28,14 @@ pub enum Fallback {
     },
 }
 
-/// Fixed windows and usage allowances in Redis, so a limit of 500 per minute means 500 across all
+/// Rate limits and usage allowances kept in Redis, so a limit of 500 per minute means 500 across all
 /// instances, and a credit balance is spent once.
 ///
-/// **One round trip, all or nothing.** A request's limits and its usage are decided by one Lua
-/// script: it reads every counter, refuses without writing anything if one is spent, and otherwise
-/// takes from all of them. Windows open with `SET … PX window` and their time left is `PTTL`, so the
-/// clock is Redis's and instance clocks do not matter; idle counters expire with their window.
-/// Usage counters (`…:usage`) do not expire: they are the key's spending. Needs Redis 7.0 or later.
+/// The example runs against the Redis at `REDIS_URL` (and is reported ignored where that is unset).
 ///
-/// **Nothing counts that was not admitted on Redis's word.** Each decision carries a request id.
-/// When Redis does not answer in time (or the connection fails) the request is decided without it,
-/// and a cancel for that id follows on the same connection: if the script ran (late, or its answer
-/// was lost) the cancel takes back exactly what it took, from the same window; if the script has not
-/// arrived yet, the cancel leaves a marker that makes it refuse. The script's record of what it took
-/// lives `reconcile_window` (default 10 s): one small key per admitted request for that long.
-///
-/// **Keys.** `{prefix}:{key_id}:rl:{name}:{limit}:{window_ms}`, `{prefix}:{key_id}:usage` and
-/// `{prefix}:{key_id}:op:{request id}`; the key id is the Redis Cluster hash tag, so one script's
-/// keys live on one node.
-///
-/// **Redis down.** Each decision waits at most `timeout` (default 50 ms); then the [`Fallback`]
-/// decides, and [`fallbacks`](Self::fallbacks) counts it. With [`Fallback::Local`] each instance
-/// keeps, from Redis's last answers, what was left of each window and of each balance, and admits
-/// its share of that (`left / instances`), then its share of each new window; when Redis answers
-/// again, what the fallback admitted is added to the shared counters. The connection manager
-/// reconnects by itself.
-///
-/// ```no_run
-/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-/// use keygate::limit::{Fallback, RateLimit, RedisLimiter};
-/// let redis = redis::Client::open("redis://127.0.0.1:6379")?.get_connection_manager().await?;
-/// let limiter = RedisLimiter::new(redis, "myapi").fallback(Fallback::Local { instances: 4 });
-/// let layer = keygate::ApiKeyLayer::builder(keygate::LocalVerifier::in_memory())
-///     .limiter(limiter)
-///     .rate_limit(RateLimit::per_minute("default", 500)?)
-///     .build()?;
-/// # let _ = layer; Ok(()) }
-/// ```
+#[cfg_attr(keygate_redis_url, doc = "```rust")]
+#[cfg_attr(not(keygate_redis_url), doc = "```rust,ignore")]
+#[doc = include_str!("../../docs/redis_limiter.md")]
 #[derive(Clone)]
 pub struct RedisLimiter {
     shared: Arc<Shared>,

@@ -15,14 +15,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::task::{AbortHandle, JoinSet};
 
-/// How the batcher flushes.
-///
-/// ```
-/// use keygate::oneloop::BatchConfig;
-/// use std::time::Duration;
-/// let config = BatchConfig::default().interval(Duration::from_millis(500)).max_buffered(50_000);
-/// # let _ = config;
-/// ```
+#[doc = include_str!("../../docs/batch_config.md")]
 #[derive(Debug, Clone)]
 pub struct BatchConfig {
     delivery: DeliveryPolicy,
@@ -46,7 +39,7 @@ impl Default for BatchConfig {
     }
 }
 
-/// What the batcher does with usage whose send may or may not have been recorded.
+#[doc = include_str!("../../docs/delivery_policy.md")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum DeliveryPolicy {
@@ -108,9 +101,7 @@ impl BatchConfig {
 
 type Pair = (ApiKey, Option<Arc<str>>);
 
-/// What became of the usage recorded into a [`UsageBatcher`], in units of usage. Every unit is in
-/// exactly one of the classes, so
-/// `recorded == acknowledged + rejected + uncertain + dropped + unsent`.
+#[doc = include_str!("../../docs/usage_report.md")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct UsageReport {
@@ -141,36 +132,7 @@ impl UsageReport {
     }
 }
 
-/// A [`UsageSink`] that sums usage per (key, usage name) and sends it to Oneloop's
-/// `record-usage` in the background: every interval, or sooner when a batch is full. Nothing blocks
-/// a request. It holds the raw keys of buffered usage (Oneloop identifies keys by value) until they
-/// are sent.
-///
-/// **Delivery.** Each send ends in one class: acknowledged (`2xx`); not delivered (no connection,
-/// or `408`/`429`/`503`): kept and retried with capped, jittered backoff; rejected (other `4xx`, a
-/// redirect): counted, logged once per status, not retried; uncertain (timeout or reset after the
-/// request was written, `500`/`502`/`504`): by default counted and not re-sent, since Oneloop may
-/// have recorded it and record-usage has no idempotency key. [`report`](Self::report) says where
-/// every unit went.
-///
-/// Call [`shutdown`](Self::shutdown) after the server stops so buffered usage is sent.
-///
-/// ```no_run
-/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-/// use keygate::oneloop::{BatchConfig, UsageBatcher};
-/// use keygate::oneloop::OneloopVerifier;
-/// use keygate::ApiKeyLayer;
-/// use std::time::Duration;
-///
-/// let oneloop = OneloopVerifier::builder("ws_token").build()?;
-/// let batcher = UsageBatcher::new(oneloop.clone(), BatchConfig::default());
-/// let layer = ApiKeyLayer::builder(oneloop).usage_sink(batcher.clone()).build()?;
-/// // … serve with `layer` until shutdown, then:
-/// let report = batcher.shutdown(Duration::from_secs(5)).await;
-/// assert!(report.balances());
-/// assert_eq!(report.unsent, 0);
-/// # Ok(()) }
-/// ```
+#[doc = include_str!("../../docs/usage_batcher.md")]
 #[derive(Clone)]
 pub struct UsageBatcher {
     shared: Arc<Shared>,

@@ -39,7 +39,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(300);
 /// a call that times out may have been recorded, so it gets room to answer.
 pub const DEFAULT_USAGE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How the verifier uses Oneloop.
+#[doc = include_str!("../../docs/mode.md")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Mode {
@@ -145,7 +145,7 @@ impl fmt::Debug for OneloopVerifier {
     }
 }
 
-/// Configures a [`OneloopVerifier`].
+#[doc = include_str!("../../docs/oneloop_builder.md")]
 pub struct OneloopBuilder {
     token: String,
     base_url: String,

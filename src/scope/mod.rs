@@ -133,7 +133,7 @@ impl fmt::Display for Scope {
     }
 }
 
-/// A scope's text form was not `representation:action[,action…]` or `representation:*`.
+#[doc = include_str!("../../docs/parse_scope_error.md")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParseScopeError(String);
 

@@ -32,7 +32,7 @@ pub struct KeyFile {
     pub keys: Vec<(KeyDigest, StoredKey)>,
 }
 
-/// A key file could not be read or parsed; the message names the entry and the field.
+#[doc = include_str!("../../docs/load_error.md")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadError(String);
 

@@ -98,7 +98,7 @@ impl StoredKey {
     }
 }
 
-/// What [`KeyStore::get_now`] found without I/O.
+#[doc = include_str!("../../docs/lookup.md")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
     /// The key's record.
@@ -115,7 +115,7 @@ impl From<Option<StoredKey>> for Lookup {
     }
 }
 
-/// A store operation failed.
+#[doc = include_str!("../../docs/store_error.md")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum StoreError {

@@ -9,27 +9,14 @@ use redis::aio::ConnectionManager;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-/// A [`KeyStore`] in Redis: `{prefix}:key:{digest}` holds a key's record (JSON), `{prefix}:id:{id}`
-/// its digest. Every change to a key (disable, delete, rotate) publishes the digest that changed on
-/// `{prefix}:revoked`; [`RedisKeyStore::listen`] turns those into cache invalidations on every
-/// instance.
+/// A [`KeyStore`] in Redis, shared by every instance: a key created, disabled or rotated on one is
+/// seen by all.
 ///
-/// Wrap the local verifier over it in a [`CachedVerifier`](crate::cache::CachedVerifier), so a
-/// known key costs no round trip:
+/// The example runs against the Redis at `REDIS_URL` (and is reported ignored where that is unset).
 ///
-/// ```no_run
-/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-/// use keygate::cache::{CacheConfig, CachedVerifier};
-/// use keygate::store::RedisKeyStore;
-/// use keygate::LocalVerifier;
-///
-/// let client = redis::Client::open("redis://127.0.0.1:6379")?;
-/// let store = RedisKeyStore::new(client.get_connection_manager().await?, "myapi");
-/// let verifier = CachedVerifier::new(LocalVerifier::new(store.clone()), CacheConfig::default());
-/// let cache = verifier.clone();
-/// store.listen(client, move |digest| cache.invalidate_digest(digest));
-/// # Ok(()) }
-/// ```
+#[cfg_attr(keygate_redis_url, doc = "```rust")]
+#[cfg_attr(not(keygate_redis_url), doc = "```rust,ignore")]
+#[doc = include_str!("../../docs/redis_key_store.md")]
 #[derive(Clone)]
 pub struct RedisKeyStore {
     conn: ConnectionManager,

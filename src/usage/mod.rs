@@ -6,7 +6,7 @@ use crate::limit::Limiter;
 use std::fmt;
 use std::sync::Arc;
 
-/// Usage a route charges per request.
+#[doc = include_str!("../../docs/route_usage.md")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteUsage {
     /// The amount.
@@ -15,7 +15,7 @@ pub struct RouteUsage {
     pub name: Option<Arc<str>>,
 }
 
-/// Whose usage a charge is.
+#[doc = include_str!("../../docs/usage_of.md")]
 #[derive(Debug, Clone, Copy)]
 pub struct UsageOf<'a> {
     /// The key's id.

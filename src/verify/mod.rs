@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 
 pub use crate::boxed::BoxFuture;
 
-/// A rate limit's state as a verifier reported it.
+#[doc = include_str!("../../docs/reported_limit.md")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReportedLimit {
     /// Requests left in the window.
@@ -31,7 +31,7 @@ pub struct ReportedLimit {
     pub reset_at: SystemTime,
 }
 
-/// A verifier's answer.
+#[doc = include_str!("../../docs/verification.md")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Verification {
@@ -96,7 +96,7 @@ impl VerifyRequest {
     }
 }
 
-/// A verifier could not answer. The gate fails closed on it: `503` with `Retry-After`.
+#[doc = include_str!("../../docs/verify_error.md")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifyError {
     message: String,
