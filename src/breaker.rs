@@ -72,6 +72,7 @@ impl Breaker {
             State::Open { until } if now < until => return Err(until - now),
             State::Open { .. } => {
                 *state = State::Probing;
+                crate::observe::breaker("half_open");
                 true
             }
             State::Probing => return Err(Duration::from_secs(1)),
@@ -92,7 +93,10 @@ impl Permit<'_> {
     /// The call succeeded (or failed for reasons that say nothing of the upstream's health).
     pub(crate) fn success(mut self) {
         self.recorded = true;
-        *self.breaker.lock() = State::Closed { failures: 0 };
+        let was = std::mem::replace(&mut *self.breaker.lock(), State::Closed { failures: 0 });
+        if !matches!(was, State::Closed { .. }) {
+            crate::observe::breaker("closed");
+        }
         if self.probe {
             tracing::info!("keygate: verifier answered the probe; circuit closed");
         }
@@ -105,11 +109,15 @@ impl Permit<'_> {
         let mut state = b.lock();
         let open = State::Open { until: Instant::now() + b.config.cool_down };
         *state = match *state {
-            _ if self.probe => open,
+            _ if self.probe => {
+                crate::observe::breaker("open");
+                open
+            }
             State::Closed { failures }
                 if b.config.failure_threshold > 0 && failures + 1 >= b.config.failure_threshold =>
             {
                 tracing::warn!(cool_down = ?b.config.cool_down, "keygate: verifier keeps failing; circuit open");
+                crate::observe::breaker("open");
                 open
             }
             State::Closed { failures } => State::Closed { failures: failures + 1 },

@@ -21,6 +21,7 @@ mod key;
 mod layer;
 pub mod limit;
 mod lock;
+pub mod observe;
 #[cfg(feature = "oneloop")]
 pub mod oneloop;
 mod outage;

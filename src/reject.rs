@@ -152,6 +152,11 @@ impl Rejection {
         }
     }
 
+    /// The short name of the cause, as in its problem type (`missing-key`, `rate-limited`, …).
+    pub(crate) fn slug(&self) -> &'static str {
+        self.cause().slug
+    }
+
     /// The HTTP status of the default response.
     pub fn status(&self) -> StatusCode {
         self.cause().status

@@ -22,7 +22,13 @@ impl<T: Clone> Flights<T> {
     /// shared. If the caller running the call is cancelled, the next waiter runs its own `call`
     /// (tokio's `OnceCell` is cancel-safe), so nobody hangs.
     pub(crate) async fn run<F: Future<Output = T>>(&self, digest: Fingerprint, call: impl FnOnce() -> F) -> T {
-        let cell = self.lock().entry(digest).or_default().clone();
+        let cell = match self.lock().entry(digest) {
+            std::collections::hash_map::Entry::Occupied(call) => {
+                crate::observe::single_flight_join();
+                call.get().clone()
+            }
+            std::collections::hash_map::Entry::Vacant(none) => none.insert(Cell::default()).clone(),
+        };
         let _leave = Leave { flights: self, digest, cell: &cell };
         cell.get_or_init(call).await.clone()
     }

@@ -296,6 +296,7 @@ impl<V: Verifier> Shared<V> {
             .await;
         result.or_else(|error| match self.stale(&key.0) {
             Some(stale) => {
+                crate::observe::cache("stale");
                 self.stale_serving.failed(&error);
                 Ok(stale)
             }
@@ -310,7 +311,13 @@ fn prefix(digest: &KeyDigest) -> u64 {
 
 impl<V: Verifier> Verifier for CachedVerifier<V> {
     fn verify_now(&self, key: &PresentedKey<'_>) -> Option<Verification> {
-        self.shared.fresh(&key.fingerprint())
+        let answer = self.shared.fresh(&key.fingerprint());
+        crate::observe::cache(match &answer {
+            Some(a) if a.status == KeyStatus::Valid => "hit",
+            Some(_) => "negative_hit",
+            None => "miss",
+        });
+        answer
     }
 
     fn verify(&self, request: VerifyRequest) -> BoxFuture<'static, Result<Verification, VerifyError>> {

@@ -15,11 +15,12 @@ use crate::boxed::BoxFuture;
 use crate::context::{Gated, VerifiedKey};
 use crate::key::{ApiKey, KeyDigest, PresentedKey};
 use crate::limit::RateLimitHeaders;
+use crate::observe;
 use crate::outage::Outage;
 use crate::reject::{Rejection, Responder};
 use crate::route::{Requirement, RouteEntry, RouteTable};
 use crate::scope::RequiredScope;
-use crate::verify::{Verifier, VerifyRequest};
+use crate::verify::{Verification, Verifier, VerifyError, VerifyRequest};
 use bytes::Bytes;
 use http::{Request, Response};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -79,23 +80,37 @@ pub(crate) enum Admission {
 }
 
 impl Gate {
+    /// The gate's verdict on a request, counted (feature `metrics`) by outcome, cause and route; a
+    /// pending verdict is counted when it settles.
     pub(crate) fn admit<B>(self: &Arc<Self>, req: &mut Request<B>) -> Admission {
+        let (admission, entry) = self.admit_uncounted(req);
+        let route = entry.and_then(|e| e.template.as_ref());
+        match &admission {
+            Admission::Pass((key, _)) => count(&Ok(key.as_ref()), route),
+            Admission::Reject(rejection) => count(&Err(rejection), route),
+            Admission::Pending(_) => {}
+        }
+        admission
+    }
+
+    /// The verdict, and the route entry it was reached under (if the path was resolved).
+    fn admit_uncounted<B>(self: &Arc<Self>, req: &mut Request<B>) -> (Admission, Option<&Arc<RouteEntry>>) {
         if self.intake.lets_through(req) {
-            return Admission::Pass((None, None));
+            return (Admission::Pass((None, None)), None);
         }
         let entry = match self.routes.resolve(matched_path(req), req.uri().path()) {
             Ok(entry) => entry,
-            Err(rejection) => return refused(rejection),
+            Err(rejection) => return (refused(rejection), None),
         };
         let scope = match self.routes.requirement(entry, req.method()) {
-            Ok(Requirement::Nothing) => return Admission::Pass((None, None)),
+            Ok(Requirement::Nothing) => return (Admission::Pass((None, None)), Some(entry)),
             Ok(requirement) => requirement.scope(),
-            Err(rejection) => return refused(rejection),
+            Err(rejection) => return (refused(rejection), Some(entry)),
         };
         let found = match self.intake.take(req) {
             Ok(Some(found)) => found,
-            Ok(None) => return Admission::Pass((None, None)),
-            Err(rejection) => return Admission::Reject(rejection),
+            Ok(None) => return (Admission::Pass((None, None)), Some(entry)),
+            Err(rejection) => return (Admission::Reject(rejection), Some(entry)),
         };
         let presented = PresentedKey::new(&found.key);
         let verification = self.verifier.verify_now(&presented);
@@ -108,12 +123,13 @@ impl Gate {
         self.intake.hide(source, req);
         let Some(verification) = verification else {
             let (key, digest) = (raw.expect("kept for the verifier"), miss.expect("hashed on a miss"));
-            return Admission::Pending(self.verify_later(key, digest, scope, entry));
+            return (Admission::Pending(self.verify_later(key, digest, scope, entry)), Some(entry));
         };
-        match self.decide.decide(verification, scope.as_ref(), SystemTime::now) {
+        let admission = match self.decide.decide(verification, scope.as_ref(), SystemTime::now) {
             Ok(key) => self.enforce.enforce(key, entry, raw, None),
             Err(rejection) => Admission::Reject(rejection),
-        }
+        };
+        (admission, Some(entry))
     }
 
     fn verify_later(
@@ -132,37 +148,50 @@ impl Gate {
         let verification = self.verifier.verify(request);
         let (gate, entry) = (Arc::clone(self), Arc::clone(entry));
         Box::pin(async move {
-            let on_error = &gate.unverifiable;
-            let verification = match verification.await {
-                Ok(verification) => {
-                    // A stale answer means the verifier is still failing.
-                    if !verification.stale {
-                        on_error.outage.recovered();
-                    }
-                    verification
-                }
-                Err(error) if on_error.fail_open => {
-                    on_error.fail_open_count.fetch_add(1, Ordering::Relaxed);
-                    on_error.outage.failed(&error);
-                    return Ok((Some(VerifiedKey::fail_open(&gate.responder)), None));
-                }
-                Err(error) => {
-                    on_error.outage.failed(&error);
-                    return Err(match error.retry_after() {
-                        Some(retry_after) => Rejection::Unavailable { retry_after },
-                        None => gate.decide.refusals.unavailable(),
-                    });
-                }
-            };
-            // Per-request Oneloop counted the route's usage and its first limit already.
-            let counted = verification.counted.then_some(verification.rate_limit);
-            let key = gate.decide.decide(verification, scope.as_ref(), SystemTime::now)?;
-            match gate.enforce.enforce(key, &entry, raw, counted) {
-                Admission::Pass(passed) => Ok(passed),
-                Admission::Reject(rejection) => Err(rejection),
-                Admission::Pending(limits) => limits.await,
-            }
+            let verdict = gate.settle(verification.await, scope, &entry, raw).await;
+            count(&verdict.as_ref().map(|(key, _)| key.as_ref()), entry.template.as_ref());
+            verdict
         })
+    }
+
+    /// What a verifier's late answer (or failure) makes of the request.
+    async fn settle(
+        &self,
+        verification: Result<Verification, VerifyError>,
+        scope: Option<RequiredScope>,
+        entry: &Arc<RouteEntry>,
+        raw: Option<ApiKey>,
+    ) -> Result<Passed, Rejection> {
+        let on_error = &self.unverifiable;
+        let verification = match verification {
+            Ok(verification) => {
+                // A stale answer means the verifier is still failing.
+                if !verification.stale {
+                    on_error.outage.recovered();
+                }
+                verification
+            }
+            Err(error) if on_error.fail_open => {
+                on_error.fail_open_count.fetch_add(1, Ordering::Relaxed);
+                on_error.outage.failed(&error);
+                return Ok((Some(VerifiedKey::fail_open(&self.responder)), None));
+            }
+            Err(error) => {
+                on_error.outage.failed(&error);
+                return Err(match error.retry_after() {
+                    Some(retry_after) => Rejection::Unavailable { retry_after },
+                    None => self.decide.refusals.unavailable(),
+                });
+            }
+        };
+        // Per-request Oneloop counted the route's usage and its first limit already.
+        let counted = verification.counted.then_some(verification.rate_limit);
+        let key = self.decide.decide(verification, scope.as_ref(), SystemTime::now)?;
+        match self.enforce.enforce(key, entry, raw, counted) {
+            Admission::Pass(passed) => Ok(passed),
+            Admission::Reject(rejection) => Err(rejection),
+            Admission::Pending(limits) => limits.await,
+        }
     }
 
     /// Puts what the gate learnt into the request for the inner service: the verified key, or a
@@ -183,6 +212,18 @@ impl Gate {
         }
         response
     }
+}
+
+/// Counts a decision: a pass with a key, without one (nothing required), let through unverified,
+/// or a refusal by its cause.
+fn count(verdict: &Result<Option<&VerifiedKey>, &Rejection>, route: Option<&Arc<str>>) {
+    let (outcome, cause) = match verdict {
+        Ok(Some(key)) if key.is_fail_open() => ("fail_open", "unavailable"),
+        Ok(Some(_)) => ("pass", "key"),
+        Ok(None) => ("pass", "public"),
+        Err(rejection) => ("refused", rejection.slug()),
+    };
+    observe::decision(outcome, cause, route);
 }
 
 fn refused(rejection: Rejection) -> Admission {

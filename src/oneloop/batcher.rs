@@ -7,6 +7,7 @@
 
 use super::{Delivery, OneloopVerifier};
 use crate::key::ApiKey;
+use crate::observe;
 use crate::usage::{UsageOf, UsageSink};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -246,8 +247,10 @@ impl UsageBatcher {
             // Sends cut off mid-flight may have reached Oneloop: uncertain, never re-sent.
             let cut: u64 = books.in_flight.drain().map(|(_, n)| n).fold(0u64, u64::saturating_add);
             books.report.uncertain = books.report.uncertain.saturating_add(cut);
+            observe::usage("uncertain", cut);
             UsageReport { unsent: books.unsent(), ..books.report }
         };
+        observe::unsent_at_shutdown(report.unsent);
         if report.unsent > 0 || report.uncertain > 0 {
             tracing::error!(
                 unsent = report.unsent,
@@ -276,6 +279,7 @@ impl Shared {
     fn add(&self, pair: Pair, amount: u64) {
         let mut books = self.lock();
         books.report.recorded = books.report.recorded.saturating_add(amount);
+        observe::usage("recorded", amount);
         if let Some(sum) = books.buffer.get_mut(&pair) {
             *sum = sum.saturating_add(amount);
             return;
@@ -283,6 +287,7 @@ impl Shared {
         if books.buffer.len() >= self.config.max_buffered {
             let first = books.report.dropped == 0;
             books.report.dropped = books.report.dropped.saturating_add(amount);
+            observe::usage("dropped", amount);
             drop(books);
             if first {
                 tracing::error!(max = self.config.max_buffered, "keygate: usage buffer full; usage is being dropped");
@@ -350,6 +355,7 @@ impl Shared {
         match delivery {
             Delivery::Acknowledged => {
                 report.acknowledged = report.acknowledged.saturating_add(amount);
+                observe::usage("acknowledged", amount);
                 if std::mem::take(&mut books.degraded) {
                     tracing::info!("keygate: Oneloop record-usage is answering again");
                 }
@@ -364,6 +370,7 @@ impl Shared {
             }
             Delivery::Rejected(status, error) => {
                 report.rejected = report.rejected.saturating_add(amount);
+                observe::usage("rejected", amount);
                 if books.rejected_logged.insert(status) {
                     tracing::error!(%error, "keygate: Oneloop rejected usage; it is not sent again (logged once per status)");
                 }
@@ -372,9 +379,13 @@ impl Shared {
             Delivery::Uncertain(error) => {
                 let first = report.uncertain == 0 && report.resent == 0;
                 match self.config.delivery {
-                    DeliveryPolicy::AtMostOnce => report.uncertain = report.uncertain.saturating_add(amount),
+                    DeliveryPolicy::AtMostOnce => {
+                        report.uncertain = report.uncertain.saturating_add(amount);
+                        observe::usage("uncertain", amount);
+                    }
                     DeliveryPolicy::AtLeastOnce => {
                         report.resent = report.resent.saturating_add(amount);
+                        observe::usage("resent", amount);
                         books.requeue(pair, amount);
                     }
                 }

@@ -4,7 +4,7 @@ use super::wire::{ErrorBody, RecordUsageBody, VerifyBody, VerifyResponse};
 use crate::key::Redacted;
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The largest response body read; a larger one is a broken or hostile upstream.
 const MAX_BODY: usize = 256 * 1024;
@@ -49,12 +49,34 @@ pub(crate) struct Client {
 
 impl Client {
     pub(crate) async fn verify(&self, body: &VerifyBody<'_>) -> Result<VerifyResponse, CallError> {
-        let bytes = self.post("/api/v1/api-key/verify", body, body.key).await?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| CallError::OneCall(format!("Oneloop verify answered an invalid body: {e}")))
+        let started = Instant::now();
+        let answer = self.post("/api/v1/api-key/verify", body, body.key).await.and_then(|bytes| {
+            serde_json::from_slice(&bytes)
+                .map_err(|e| CallError::OneCall(format!("Oneloop verify answered an invalid body: {e}")))
+        });
+        let outcome = match &answer {
+            Ok(_) => "ok",
+            Err(CallError::Down(_)) => "down",
+            Err(CallError::OneCall(_)) => "error",
+        };
+        crate::observe::upstream("verify", outcome, started.elapsed());
+        answer
     }
 
     pub(crate) async fn record_usage(&self, body: &RecordUsageBody<'_>) -> Delivery {
+        let started = Instant::now();
+        let delivery = self.send_usage(body).await;
+        let outcome = match &delivery {
+            Delivery::Acknowledged => "acknowledged",
+            Delivery::NotDelivered(_) => "not_delivered",
+            Delivery::Rejected(..) => "rejected",
+            Delivery::Uncertain(_) => "uncertain",
+        };
+        crate::observe::upstream("record_usage", outcome, started.elapsed());
+        delivery
+    }
+
+    async fn send_usage(&self, body: &RecordUsageBody<'_>) -> Delivery {
         const PATH: &str = "/api/v1/api-key/record-usage";
         let url = format!("{}{PATH}", self.base_url);
         let sent = self.http.post(&url).bearer_auth(&self.token).json(body).timeout(self.usage_timeout).send().await;
