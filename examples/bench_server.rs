@@ -4,6 +4,9 @@
 //! With `PROFILE=n` it instead runs `n` warm requests in process, inside `profile_requests`, and
 //! exits: `valgrind --tool=callgrind --collect-atstart=no --toggle-collect='*profile_requests*'`
 //! then counts the instructions of exactly those requests.
+//!
+//! With `METRICS=prometheus` (and keygate's `metrics` feature) a Prometheus recorder is installed
+//! first, so the cost of counting is in the figures.
 
 #[path = "../benches/support/mod.rs"]
 mod support;
@@ -16,6 +19,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let variant = std::env::var("VARIANT").unwrap_or_else(|_| "keygate_local".into());
     let port: u16 = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(3900);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let _metrics = match std::env::var("METRICS").as_deref() {
+        Ok("prometheus") => Some(metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?),
+        _ => None,
+    };
     let keys = support::keys_for(&variant);
     let status = support::expected_status(&variant);
     let app = rt.block_on(async {

@@ -6,15 +6,20 @@
 //! PORT=8080 cargo run --example quickstart
 //! ```
 //!
-//! Then: `curl -H "Authorization: Bearer <key>" http://127.0.0.1:3000/v1/items`.
+//! Then: `curl -H "Authorization: Bearer <key>" http://127.0.0.1:3000/v1/items`, and
+//! `curl http://127.0.0.1:3000/metrics` for what the gate decided (Prometheus text format).
 
 mod demo_api;
 
+use axum::routing::get;
 use keygate::{ApiKeyLayer, KeyFacts, KeyFormat, LocalVerifier, Scope};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     demo_api::init_tracing();
+    // The exporter is the application's choice; keygate records through the `metrics` facade.
+    // Installed before the layer is built, so the gate's counters register with it.
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
     // Generated keys carry a checksum: forged ones are refused before any lookup. Keys from a
     // file may have any shape.
     let (verifier, format) = match std::env::var_os("KEYGATE_KEYS") {
@@ -30,7 +35,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let gate = ApiKeyLayer::builder(verifier).key_format(format).routes(demo_api::routes()).build()?;
-    demo_api::serve(demo_api::router().layer(gate)).await
+    // `/metrics` is added after the gate, so it is not behind it.
+    let app = demo_api::router().layer(gate).route("/metrics", get(move || std::future::ready(prometheus.render())));
+    demo_api::serve(app).await
 }
 
 /// Three keys with growing rights, printed once: the store keeps only their digests.

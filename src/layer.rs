@@ -7,7 +7,7 @@ use crate::key::KeyFormat;
 use crate::limit::{HeaderStyle, Limiter, MemoryLimiter, RateLimit};
 use crate::outage::Outage;
 use crate::reject::{ProblemJson, Responder};
-use crate::route::RouteTable;
+use crate::route::{RouteEntry, RouteTable};
 use crate::service::ApiKeyService;
 use crate::usage::{Metering, UsageSink};
 use crate::verify::Verifier;
@@ -298,6 +298,7 @@ impl ApiKeyLayerBuilder {
                 ),
             },
             decide: Decide { refusals, responder: Arc::clone(&self.responder) },
+            unrouted: RouteEntry::without_template(),
             enforce: Arc::new(Enforce {
                 limits: self.limits,
                 metadata_limit: self.metadata_limit,

@@ -42,6 +42,20 @@ pub const ALL: [&str; 7] = [
     USAGE_UNSENT_AT_SHUTDOWN,
 ];
 
+/// What a synchronous cache lookup found.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Lookup {
+    /// A fresh `VALID` answer.
+    Hit = 0,
+    /// A fresh refusal.
+    NegativeHit = 1,
+    Miss = 2,
+}
+
+/// How many kinds of decision a route counts: passes with a key and without, fail-open, and one
+/// per refusal cause (with room to spare).
+pub(crate) const DECISION_KINDS: usize = 16;
+
 // Oneloop's calls, breaker and batcher are recorded only where the `oneloop` feature builds them.
 #[cfg(feature = "metrics")]
 #[cfg_attr(not(feature = "oneloop"), allow(dead_code))]
@@ -52,16 +66,72 @@ mod on {
     /// The route label of a request that matched no template.
     const OTHER_ROUTE: &str = "other";
 
-    #[inline]
-    pub(crate) fn decision(outcome: &'static str, cause: &'static str, route: Option<&Arc<str>>) {
-        let route = route
-            .map_or(metrics::SharedString::const_str(OTHER_ROUTE), |r| metrics::SharedString::from_shared(r.clone()));
-        metrics::counter!(DECISIONS, "outcome" => outcome, "cause" => cause, "route" => route).increment(1);
+    /// One route's decision counters, by kind. Each is registered with the recorder on its first
+    /// use (install the recorder before serving), so the warm path is an atomic add: no labels
+    /// built, no allocation, no lookup in the recorder's registry.
+    #[derive(Default)]
+    pub(crate) struct RouteDecisions {
+        counters: [std::sync::OnceLock<metrics::Counter>; DECISION_KINDS],
     }
 
-    #[inline]
-    pub(crate) fn cache(result: &'static str) {
-        metrics::counter!(CACHE_LOOKUPS, "result" => result).increment(1);
+    impl RouteDecisions {
+        /// Counts a decision of kind `kind` (an index below [`DECISION_KINDS`]), labelled `outcome`
+        /// and `cause`, on `route` (`None`: a request no template matched).
+        #[inline]
+        pub(crate) fn count(&self, kind: usize, outcome: &'static str, cause: &'static str, route: Option<&Arc<str>>) {
+            let register = || {
+                let route = route.map_or(metrics::SharedString::const_str(OTHER_ROUTE), |r| {
+                    metrics::SharedString::from_shared(Arc::clone(r))
+                });
+                metrics::counter!(DECISIONS, "outcome" => outcome, "cause" => cause, "route" => route)
+            };
+            self.counters[kind].get_or_init(register).increment(1);
+        }
+    }
+
+    // Counters are not part of what a route is: a copy counts afresh, and any two compare equal.
+    impl Clone for RouteDecisions {
+        fn clone(&self) -> Self {
+            Self::default()
+        }
+    }
+
+    impl PartialEq for RouteDecisions {
+        fn eq(&self, _: &Self) -> bool {
+            true
+        }
+    }
+
+    impl Eq for RouteDecisions {}
+
+    impl std::fmt::Debug for RouteDecisions {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("RouteDecisions").finish_non_exhaustive()
+        }
+    }
+
+    /// The cache's lookup counters, registered on first use like a route's decisions.
+    #[derive(Default)]
+    pub(crate) struct CacheLookups {
+        by_result: [std::sync::OnceLock<metrics::Counter>; 3],
+    }
+
+    impl CacheLookups {
+        #[inline]
+        pub(crate) fn count(&self, result: Lookup) {
+            let name = match result {
+                Lookup::Hit => "hit",
+                Lookup::NegativeHit => "negative_hit",
+                Lookup::Miss => "miss",
+            };
+            let register = || metrics::counter!(CACHE_LOOKUPS, "result" => name);
+            self.by_result[result as usize].get_or_init(register).increment(1);
+        }
+    }
+
+    /// A stale answer served: rare (the verifier is failing), so registered each time.
+    pub(crate) fn stale_served() {
+        metrics::counter!(CACHE_LOOKUPS, "result" => "stale").increment(1);
     }
 
     pub(crate) fn single_flight_join() {
@@ -85,16 +155,32 @@ mod on {
     }
 }
 
+// The same calls without the feature: methods keep their `self` so call sites read the same.
 #[cfg(not(feature = "metrics"))]
 #[cfg_attr(not(feature = "oneloop"), allow(dead_code))]
+#[allow(clippy::unused_self)]
 mod on {
     use super::*;
     use std::sync::Arc;
 
+    /// Without the feature: nothing to keep, nothing to count.
+    #[derive(Debug, Default, Clone, PartialEq, Eq)]
+    pub(crate) struct RouteDecisions;
+
+    impl RouteDecisions {
+        #[inline(always)]
+        pub(crate) fn count(&self, _: usize, _: &'static str, _: &'static str, _: Option<&Arc<str>>) {}
+    }
+    #[derive(Default)]
+    pub(crate) struct CacheLookups;
+
+    impl CacheLookups {
+        #[inline(always)]
+        pub(crate) fn count(&self, _: Lookup) {}
+    }
+
     #[inline(always)]
-    pub(crate) fn decision(_: &'static str, _: &'static str, _: Option<&Arc<str>>) {}
-    #[inline(always)]
-    pub(crate) fn cache(_: &'static str) {}
+    pub(crate) fn stale_served() {}
     #[inline(always)]
     pub(crate) fn single_flight_join() {}
     #[inline(always)]

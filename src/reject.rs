@@ -152,6 +152,26 @@ impl Rejection {
         }
     }
 
+    /// How many causes there are: [`ordinal`](Self::ordinal) is below it.
+    pub(crate) const CAUSES: usize = 11;
+
+    /// The cause's place in the list of causes, for tables indexed by cause.
+    pub(crate) fn ordinal(&self) -> usize {
+        match self {
+            Self::MissingKey => 0,
+            Self::AmbiguousKey => 1,
+            Self::MalformedKey => 2,
+            Self::InvalidPath => 3,
+            Self::InvalidKey(_) => 4,
+            Self::InsufficientScope(_) => 5,
+            Self::UnmappedRoute => 6,
+            Self::RateLimited { .. } => 7,
+            Self::UsageLimited { .. } => 8,
+            Self::Unavailable { .. } => 9,
+            Self::NotGated => 10,
+        }
+    }
+
     /// The short name of the cause, as in its problem type (`missing-key`, `rate-limited`, …).
     pub(crate) fn slug(&self) -> &'static str {
         self.cause().slug

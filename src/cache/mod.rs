@@ -20,6 +20,7 @@ mod flight;
 
 use crate::boxed::BoxFuture;
 use crate::key::{Fingerprint, KeyDigest, PresentedKey};
+use crate::observe::{CacheLookups, Lookup};
 use crate::verify::{KeyStatus, Verification, Verifier, VerifyError, VerifyRequest};
 use flight::Flights;
 use moka::ops::compute::Op;
@@ -141,6 +142,8 @@ struct Shared<V> {
     config: CacheConfig,
     /// Stale answers served while the verifier fails, logged as a state change, not per request.
     stale_serving: crate::outage::Outage,
+    /// Lookups counted (feature `metrics`).
+    lookups: CacheLookups,
 }
 
 impl<V: Verifier> CachedVerifier<V> {
@@ -159,8 +162,17 @@ impl<V: Verifier> CachedVerifier<V> {
         let flights = Flights::new();
         let generation = AtomicU64::new(0);
         let stale_serving = crate::outage::Outage::new("the verifier", "serving stale answers where it can");
-        let shared =
-            Shared { verifier, base: Instant::now(), cache, invalidated, flights, generation, config, stale_serving };
+        let shared = Shared {
+            verifier,
+            base: Instant::now(),
+            cache,
+            invalidated,
+            flights,
+            generation,
+            config,
+            stale_serving,
+            lookups: Default::default(),
+        };
         Self { shared: Arc::new(shared) }
     }
 
@@ -296,7 +308,7 @@ impl<V: Verifier> Shared<V> {
             .await;
         result.or_else(|error| match self.stale(&key.0) {
             Some(stale) => {
-                crate::observe::cache("stale");
+                crate::observe::stale_served();
                 self.stale_serving.failed(&error);
                 Ok(stale)
             }
@@ -312,10 +324,10 @@ fn prefix(digest: &KeyDigest) -> u64 {
 impl<V: Verifier> Verifier for CachedVerifier<V> {
     fn verify_now(&self, key: &PresentedKey<'_>) -> Option<Verification> {
         let answer = self.shared.fresh(&key.fingerprint());
-        crate::observe::cache(match &answer {
-            Some(a) if a.status == KeyStatus::Valid => "hit",
-            Some(_) => "negative_hit",
-            None => "miss",
+        self.shared.lookups.count(match &answer {
+            Some(a) if a.status == KeyStatus::Valid => Lookup::Hit,
+            Some(_) => Lookup::NegativeHit,
+            None => Lookup::Miss,
         });
         answer
     }

@@ -37,6 +37,8 @@ pub(crate) struct Gate {
     pub(crate) decide: Decide,
     pub(crate) enforce: Arc<Enforce>,
     pub(crate) responder: Arc<dyn Responder>,
+    /// Where decisions on requests that reached no route entry (preflight, a bad path) are counted.
+    pub(crate) unrouted: RouteEntry,
 }
 
 /// What happens when the verifier cannot answer.
@@ -83,34 +85,35 @@ impl Gate {
     /// The gate's verdict on a request, counted (feature `metrics`) by outcome, cause and route; a
     /// pending verdict is counted when it settles.
     pub(crate) fn admit<B>(self: &Arc<Self>, req: &mut Request<B>) -> Admission {
-        let (admission, entry) = self.admit_uncounted(req);
-        let route = entry.and_then(|e| e.template.as_ref());
+        let mut entry = &self.unrouted;
+        let admission = self.admit_uncounted(req, &mut entry);
         match &admission {
-            Admission::Pass((key, _)) => count(&Ok(key.as_ref()), route),
-            Admission::Reject(rejection) => count(&Err(rejection), route),
+            Admission::Pass((key, _)) => count(&Ok(key.as_ref()), entry),
+            Admission::Reject(rejection) => count(&Err(rejection), entry),
             Admission::Pending(_) => {}
         }
         admission
     }
 
-    /// The verdict, and the route entry it was reached under (if the path was resolved).
-    fn admit_uncounted<B>(self: &Arc<Self>, req: &mut Request<B>) -> (Admission, Option<&Arc<RouteEntry>>) {
+    /// The verdict; `reached` is set to the route entry it was reached under, if the path resolved.
+    fn admit_uncounted<'g, B>(self: &'g Arc<Self>, req: &mut Request<B>, reached: &mut &'g RouteEntry) -> Admission {
         if self.intake.lets_through(req) {
-            return (Admission::Pass((None, None)), None);
+            return Admission::Pass((None, None));
         }
         let entry = match self.routes.resolve(matched_path(req), req.uri().path()) {
             Ok(entry) => entry,
-            Err(rejection) => return (refused(rejection), None),
+            Err(rejection) => return refused(rejection),
         };
+        *reached = entry;
         let scope = match self.routes.requirement(entry, req.method()) {
-            Ok(Requirement::Nothing) => return (Admission::Pass((None, None)), Some(entry)),
+            Ok(Requirement::Nothing) => return Admission::Pass((None, None)),
             Ok(requirement) => requirement.scope(),
-            Err(rejection) => return (refused(rejection), Some(entry)),
+            Err(rejection) => return refused(rejection),
         };
         let found = match self.intake.take(req) {
             Ok(Some(found)) => found,
-            Ok(None) => return (Admission::Pass((None, None)), Some(entry)),
-            Err(rejection) => return (Admission::Reject(rejection), Some(entry)),
+            Ok(None) => return Admission::Pass((None, None)),
+            Err(rejection) => return Admission::Reject(rejection),
         };
         let presented = PresentedKey::new(&found.key);
         let verification = self.verifier.verify_now(&presented);
@@ -123,13 +126,12 @@ impl Gate {
         self.intake.hide(source, req);
         let Some(verification) = verification else {
             let (key, digest) = (raw.expect("kept for the verifier"), miss.expect("hashed on a miss"));
-            return (Admission::Pending(self.verify_later(key, digest, scope, entry)), Some(entry));
+            return Admission::Pending(self.verify_later(key, digest, scope, entry));
         };
-        let admission = match self.decide.decide(verification, scope.as_ref(), SystemTime::now) {
+        match self.decide.decide(verification, scope.as_ref(), SystemTime::now) {
             Ok(key) => self.enforce.enforce(key, entry, raw, None),
             Err(rejection) => Admission::Reject(rejection),
-        };
-        (admission, Some(entry))
+        }
     }
 
     fn verify_later(
@@ -149,7 +151,7 @@ impl Gate {
         let (gate, entry) = (Arc::clone(self), Arc::clone(entry));
         Box::pin(async move {
             let verdict = gate.settle(verification.await, scope, &entry, raw).await;
-            count(&verdict.as_ref().map(|(key, _)| key.as_ref()), entry.template.as_ref());
+            count(&verdict.as_ref().map(|(key, _)| key.as_ref()), &entry);
             verdict
         })
     }
@@ -216,15 +218,18 @@ impl Gate {
 
 /// Counts a decision: a pass with a key, without one (nothing required), let through unverified,
 /// or a refusal by its cause.
-fn count(verdict: &Result<Option<&VerifiedKey>, &Rejection>, route: Option<&Arc<str>>) {
-    let (outcome, cause) = match verdict {
-        Ok(Some(key)) if key.is_fail_open() => ("fail_open", "unavailable"),
-        Ok(Some(_)) => ("pass", "key"),
-        Ok(None) => ("pass", "public"),
-        Err(rejection) => ("refused", rejection.slug()),
+#[inline]
+fn count(verdict: &Result<Option<&VerifiedKey>, &Rejection>, entry: &RouteEntry) {
+    let (kind, outcome, cause) = match verdict {
+        Ok(Some(key)) if key.is_fail_open() => (0, "fail_open", "unavailable"),
+        Ok(Some(_)) => (1, "pass", "key"),
+        Ok(None) => (2, "pass", "public"),
+        Err(rejection) => (3 + rejection.ordinal(), "refused", rejection.slug()),
     };
-    observe::decision(outcome, cause, route);
+    entry.decisions.count(kind, outcome, cause, entry.template.as_ref());
 }
+
+const _: () = assert!(3 + Rejection::CAUSES <= observe::DECISION_KINDS, "a decision kind per cause");
 
 fn refused(rejection: Rejection) -> Admission {
     tracing::debug!(%rejection, "keygate: refused");

@@ -47,8 +47,17 @@ impl Requirement {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RouteEntry {
     pub(crate) template: Option<Arc<str>>,
+    /// Its decisions, counted (feature `metrics`).
+    pub(crate) decisions: crate::observe::RouteDecisions,
     pub(crate) route: Route,
     pub(crate) policy: RoutePolicy,
+}
+
+impl RouteEntry {
+    /// The entry of requests no template matched.
+    pub(crate) fn without_template() -> Self {
+        Self { template: None, decisions: Default::default(), route: Route::Unmapped, policy: RoutePolicy::new() }
+    }
 }
 
 #[doc = include_str!("../../docs/route_policy.md")]
@@ -128,7 +137,7 @@ impl RouteTable {
             matcher: matchit::Router::new(),
             by_template: HashMap::new(),
             routes: Vec::new(),
-            unmapped_entry: Arc::new(RouteEntry { template: None, route: Route::Unmapped, policy: RoutePolicy::new() }),
+            unmapped_entry: Arc::new(RouteEntry::without_template()),
             unmapped: Unmapped::default(),
             matrix: false,
             error: None,
@@ -210,7 +219,12 @@ impl RouteTable {
             return self.fail(template, e.to_string());
         }
         self.by_template.insert(template.into(), index);
-        self.routes.push(Arc::new(RouteEntry { template: Some(template.into()), route, policy }));
+        self.routes.push(Arc::new(RouteEntry {
+            template: Some(template.into()),
+            decisions: Default::default(),
+            route,
+            policy,
+        }));
         self
     }
 
