@@ -1,11 +1,8 @@
-//! What keygate counts, through the [`metrics`](https://docs.rs/metrics) facade (feature
-//! `metrics`): the names below, labelled the Prometheus way. keygate installs no exporter; install
-//! one (such as `metrics-exporter-prometheus`) before building the layer and the numbers appear.
-//!
-//! Labels are bounded: outcomes, causes and classes are fixed sets, routes are the route table's
-//! templates (`other` for a path no template matched), never raw paths, key ids or keys.
-//!
-//! Without the feature every recording function here is empty and compiles to nothing.
+#![cfg_attr(feature = "metrics", doc = include_str!("../docs/observe.md"))]
+#![cfg_attr(
+    not(feature = "metrics"),
+    doc = "What keygate counts through the `metrics` facade with the `metrics` feature: the names below."
+)]
 
 use std::time::Duration;
 
