@@ -231,7 +231,7 @@ impl ApiKeyLayerBuilder {
         self
     }
 
-    /// Where usage is reported, such as a Oneloop [`UsageBatcher`](crate::oneloop::UsageBatcher).
+    /// Where usage is reported, such as a Oneloop `UsageBatcher` (feature `oneloop`).
     #[must_use]
     pub fn usage_sink(mut self, sink: impl UsageSink) -> Self {
         self.sink = Some(Arc::new(sink));
