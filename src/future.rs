@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use tower_service::Service;
+use tracing::Span;
 
 pin_project! {
     /// The response future of [`ApiKeyService`](crate::ApiKeyService).
@@ -22,6 +23,8 @@ pin_project! {
     {
         #[pin]
         state: State<S, ReqB>,
+        // The gate's span, entered while the verdict or the inner service is polled.
+        span: Span,
     }
 }
 
@@ -42,12 +45,12 @@ pin_project! {
 }
 
 impl<S: Service<Request<ReqB>>, ReqB> ResponseFuture<S, ReqB> {
-    pub(crate) fn called(future: S::Future, headers: Option<RateLimitHeaders>) -> Self {
-        Self { state: State::Called { future, headers } }
+    pub(crate) fn called(future: S::Future, headers: Option<RateLimitHeaders>, span: Span) -> Self {
+        Self { state: State::Called { future, headers }, span }
     }
 
     pub(crate) fn rejected(response: Response<Bytes>) -> Self {
-        Self { state: State::Rejected { response: Some(response) } }
+        Self { state: State::Rejected { response: Some(response) }, span: Span::none() }
     }
 
     pub(crate) fn pending(
@@ -55,8 +58,9 @@ impl<S: Service<Request<ReqB>>, ReqB> ResponseFuture<S, ReqB> {
         req: Request<ReqB>,
         inner: S,
         gate: Arc<Gate>,
+        span: Span,
     ) -> Self {
-        Self { state: State::Verifying { verdict, waiting: Some((req, inner)), gate } }
+        Self { state: State::Verifying { verdict, waiting: Some((req, inner)), gate }, span }
     }
 }
 
@@ -66,9 +70,11 @@ where
 {
     type Output = Result<Response<ResponseBody<ResB>>, S::Error>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let _entered = this.span.enter();
         loop {
-            let next = match self.as_mut().project().state.project() {
+            let next = match this.state.as_mut().project() {
                 StateProj::Called { future, headers } => {
                     let mut res = ready!(future.poll(cx))?;
                     if let Some(headers) = headers.take() {
@@ -92,7 +98,7 @@ where
                     }
                 }
             };
-            self.as_mut().project().state.set(next);
+            this.state.set(next);
         }
     }
 }

@@ -91,7 +91,7 @@ where
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         match self.rule.check(&req) {
-            Ok(()) => ResponseFuture::called(self.inner.call(req), None),
+            Ok(()) => ResponseFuture::called(self.inner.call(req), None, tracing::Span::none()),
             Err(rejection) => ResponseFuture::rejected(refuse_after_gate(req.extensions(), &rejection)),
         }
     }

@@ -39,10 +39,13 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
-        match self.gate.admit(&mut req) {
+        let span = Gate::span();
+        match self.gate.admit(&mut req, &span) {
             Admission::Pass((key, headers)) => {
                 self.gate.hand_over(&mut req, key);
-                ResponseFuture::called(self.inner.call(req), headers)
+                // The inner service runs inside the gate's span, so its events carry the verdict.
+                let future = span.in_scope(|| self.inner.call(req));
+                ResponseFuture::called(future, headers, span)
             }
             Admission::Reject(rejection) => ResponseFuture::rejected(self.gate.respond(&rejection)),
             Admission::Pending(verdict) => {
@@ -50,7 +53,7 @@ where
                 // clone in its place (tower's `mem::replace` rule).
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::pending(verdict, req, ready, self.gate.clone())
+                ResponseFuture::pending(verdict, req, ready, self.gate.clone(), span)
             }
         }
     }

@@ -26,6 +26,8 @@ use http::{Request, Response};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+use tracing::field::Empty;
+use tracing::Span;
 
 /// Everything the layer was configured with, one field per step; shared by every clone of the
 /// layer and its services.
@@ -84,19 +86,44 @@ pub(crate) enum Admission {
 impl Gate {
     /// The gate's verdict on a request, counted (feature `metrics`) by outcome, cause and route; a
     /// pending verdict is counted when it settles.
-    pub(crate) fn admit<B>(self: &Arc<Self>, req: &mut Request<B>) -> Admission {
+    pub(crate) fn admit<B>(self: &Arc<Self>, req: &mut Request<B>, span: &Span) -> Admission {
         let mut entry = &self.unrouted;
-        let admission = self.admit_uncounted(req, &mut entry);
+        let admission = self.admit_uncounted(req, &mut entry, span);
         match &admission {
-            Admission::Pass((key, _)) => count(&Ok(key.as_ref()), entry),
-            Admission::Reject(rejection) => count(&Err(rejection), entry),
+            Admission::Pass((key, _)) => count(&Ok(key.as_ref()), entry, span),
+            Admission::Reject(rejection) => count(&Err(rejection), entry, span),
             Admission::Pending(_) => {}
         }
         admission
     }
 
+    /// The span of one gated request (DEBUG, named `keygate`); its fields are filled in as the gate
+    /// learns them. Never a key: the key's id at most.
+    pub(crate) fn span() -> Span {
+        // With `tracing`'s `log` feature (axum's default turns it on) even a disabled span formats
+        // its fields for `log` when made, entered or recorded: where no subscriber wants DEBUG, make
+        // none at all.
+        if !tracing::level_enabled!(tracing::Level::DEBUG) {
+            return Span::none();
+        }
+        tracing::debug_span!(
+            "keygate",
+            outcome = Empty,
+            cause = Empty,
+            route = Empty,
+            key_id = Empty,
+            scope = Empty,
+            cache = Empty
+        )
+    }
+
     /// The verdict; `reached` is set to the route entry it was reached under, if the path resolved.
-    fn admit_uncounted<'g, B>(self: &'g Arc<Self>, req: &mut Request<B>, reached: &mut &'g RouteEntry) -> Admission {
+    fn admit_uncounted<'g, B>(
+        self: &'g Arc<Self>,
+        req: &mut Request<B>,
+        reached: &mut &'g RouteEntry,
+        span: &Span,
+    ) -> Admission {
         if self.intake.lets_through(req) {
             return Admission::Pass((None, None));
         }
@@ -110,6 +137,11 @@ impl Gate {
             Ok(requirement) => requirement.scope(),
             Err(rejection) => return refused(rejection),
         };
+        // Records are guarded: a disabled span would still format them for `log` (see `span`).
+        let traced = !span.is_disabled();
+        if let (true, Some(scope)) = (traced, &scope) {
+            span.record("scope", tracing::field::display(scope));
+        }
         let found = match self.intake.take(req) {
             Ok(Some(found)) => found,
             Ok(None) => return Admission::Pass((None, None)),
@@ -117,6 +149,9 @@ impl Gate {
         };
         let presented = PresentedKey::new(&found.key);
         let verification = self.verifier.verify_now(&presented);
+        if traced {
+            span.record("cache", if verification.is_some() { "hit" } else { "miss" });
+        }
         // The raw key outlives this borrow only where something needs it: the async verifier, or a
         // usage sink that reports by key. The SHA-256 is computed only on a miss.
         let needs_key = self.enforce.metering.needs_key();
@@ -126,7 +161,7 @@ impl Gate {
         self.intake.hide(source, req);
         let Some(verification) = verification else {
             let (key, digest) = (raw.expect("kept for the verifier"), miss.expect("hashed on a miss"));
-            return Admission::Pending(self.verify_later(key, digest, scope, entry));
+            return Admission::Pending(self.verify_later(key, digest, scope, entry, span.clone()));
         };
         match self.decide.decide(verification, scope.as_ref(), SystemTime::now) {
             Ok(key) => self.enforce.enforce(key, entry, raw, None),
@@ -140,6 +175,7 @@ impl Gate {
         digest: KeyDigest,
         scope: Option<RequiredScope>,
         entry: &Arc<RouteEntry>,
+        span: Span,
     ) -> BoxFuture<'static, Result<Passed, Rejection>> {
         let raw = self.enforce.metering.needs_key().then(|| key.clone());
         let mut request = VerifyRequest::hashed(digest, key);
@@ -151,7 +187,7 @@ impl Gate {
         let (gate, entry) = (Arc::clone(self), Arc::clone(entry));
         Box::pin(async move {
             let verdict = gate.settle(verification.await, scope, &entry, raw).await;
-            count(&verdict.as_ref().map(|(key, _)| key.as_ref()), &entry);
+            count(&verdict.as_ref().map(|(key, _)| key.as_ref()), &entry, &span);
             verdict
         })
     }
@@ -219,7 +255,7 @@ impl Gate {
 /// Counts a decision: a pass with a key, without one (nothing required), let through unverified,
 /// or a refusal by its cause.
 #[inline]
-fn count(verdict: &Result<Option<&VerifiedKey>, &Rejection>, entry: &RouteEntry) {
+fn count(verdict: &Result<Option<&VerifiedKey>, &Rejection>, entry: &RouteEntry, span: &Span) {
     let (kind, outcome, cause) = match verdict {
         Ok(Some(key)) if key.is_fail_open() => (0, "fail_open", "unavailable"),
         Ok(Some(_)) => (1, "pass", "key"),
@@ -227,6 +263,14 @@ fn count(verdict: &Result<Option<&VerifiedKey>, &Rejection>, entry: &RouteEntry)
         Err(rejection) => (3 + rejection.ordinal(), "refused", rejection.slug()),
     };
     entry.decisions.count(kind, outcome, cause, entry.template.as_ref());
+    if !span.is_disabled() {
+        span.record("outcome", outcome);
+        span.record("cause", cause);
+        span.record("route", entry.template.as_deref().unwrap_or("other"));
+        if let Ok(Some(key)) = verdict {
+            span.record("key_id", key.id());
+        }
+    }
 }
 
 const _: () = assert!(3 + Rejection::CAUSES <= observe::DECISION_KINDS, "a decision kind per cause");
