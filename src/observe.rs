@@ -28,8 +28,15 @@ pub const USAGE_UNITS: &str = "keygate_usage_units_total";
 /// Gauge: units of usage the batcher still held when its shutdown returned (lost unless sent later).
 pub const USAGE_UNSENT_AT_SHUTDOWN: &str = "keygate_usage_unsent_at_shutdown_units";
 
+/// Histogram, seconds: the Redis limiter's decisions, by `outcome` (`ok`, `error`, `timeout`: Redis
+/// did not answer within the limiter's timeout, and the fallback decided).
+pub const REDIS_DURATION: &str = "keygate_redis_limiter_duration_seconds";
+/// Counter: requests the Redis limiter's fallback decided, by `fallback` (`fail_closed`: a `503`;
+/// `local`: its share of the limits in memory).
+pub const LIMITER_FALLBACKS: &str = "keygate_limiter_fallbacks_total";
+
 /// Every metric name, for tests and documentation.
-pub const ALL: [&str; 7] = [
+pub const ALL: [&str; 9] = [
     DECISIONS,
     CACHE_LOOKUPS,
     SINGLE_FLIGHT_JOINS,
@@ -37,6 +44,8 @@ pub const ALL: [&str; 7] = [
     BREAKER_TRANSITIONS,
     USAGE_UNITS,
     USAGE_UNSENT_AT_SHUTDOWN,
+    REDIS_DURATION,
+    LIMITER_FALLBACKS,
 ];
 
 /// What a synchronous cache lookup found.
@@ -53,9 +62,10 @@ pub(crate) enum Lookup {
 /// per refusal cause (with room to spare).
 pub(crate) const DECISION_KINDS: usize = 16;
 
-// Oneloop's calls, breaker and batcher are recorded only where the `oneloop` feature builds them.
+// Oneloop's calls, breaker and batcher, and the Redis limiter, are recorded only where their features
+// build them.
 #[cfg(feature = "metrics")]
-#[cfg_attr(not(feature = "oneloop"), allow(dead_code))]
+#[cfg_attr(not(all(feature = "oneloop", feature = "redis")), allow(dead_code))]
 mod on {
     use super::*;
     use std::sync::Arc;
@@ -150,11 +160,19 @@ mod on {
     pub(crate) fn unsent_at_shutdown(units: u64) {
         metrics::gauge!(USAGE_UNSENT_AT_SHUTDOWN).set(units as f64);
     }
+
+    pub(crate) fn redis_limiter(outcome: &'static str, took: Duration) {
+        metrics::histogram!(REDIS_DURATION, "outcome" => outcome).record(took.as_secs_f64());
+    }
+
+    pub(crate) fn limiter_fallback(fallback: &'static str) {
+        metrics::counter!(LIMITER_FALLBACKS, "fallback" => fallback).increment(1);
+    }
 }
 
 // The same calls without the feature: methods keep their `self` so call sites read the same.
 #[cfg(not(feature = "metrics"))]
-#[cfg_attr(not(feature = "oneloop"), allow(dead_code))]
+#[cfg_attr(not(all(feature = "oneloop", feature = "redis")), allow(dead_code))]
 #[allow(clippy::unused_self)]
 mod on {
     use super::*;
@@ -188,6 +206,10 @@ mod on {
     pub(crate) fn usage(_: &'static str, _: u64) {}
     #[inline(always)]
     pub(crate) fn unsent_at_shutdown(_: u64) {}
+    #[inline(always)]
+    pub(crate) fn redis_limiter(_: &'static str, _: Duration) {}
+    #[inline(always)]
+    pub(crate) fn limiter_fallback(_: &'static str) {}
 }
 
 pub(crate) use on::*;

@@ -239,3 +239,44 @@ async fn oneloop_calls_breaker_transitions_and_usage_classes_are_counted() {
     assert_eq!(h("verify", "ok"), Some(1));
     assert_eq!(h("record_usage", "acknowledged"), Some(1));
 }
+
+/// The Redis limiter's decisions are timed by outcome; a Redis that stops answering (`SIGSTOP`) sends
+/// requests to the fallback, counted by kind. On a Redis of the test's own.
+#[cfg(feature = "redis")]
+#[cfg_attr(not(keygate_redis_server), ignore = "needs redis-server on PATH")]
+#[tokio::test]
+async fn redis_limiter_latency_and_fallbacks_are_counted() {
+    use common::own_redis::{free_port, OwnRedis};
+    use keygate::limit::{Fallback, RedisLimiter};
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+
+    let own = OwnRedis::start(free_port());
+    let conn = redis::Client::open(own.url()).unwrap().get_connection_manager().await.unwrap();
+    let limiter = RedisLimiter::new(conn, "kgmetrics")
+        .timeout(Duration::from_millis(250))
+        .fallback(Fallback::Local { instances: 1 });
+    let verifier = LocalVerifier::in_memory();
+    let key = verifier.create(KeyFacts::new("k")).await.unwrap().key;
+    let layer =
+        ApiKeyLayer::builder(verifier).limiter(limiter).rate_limit(RateLimit::per_minute("default", 100).unwrap());
+    let addr = serve_axum(Router::new().route("/", get(|| async { "ok" })).layer(layer.build().unwrap())).await;
+    let sent = [("x-api-key", key.expose_secret().as_bytes())];
+
+    for _ in 0..3 {
+        assert_eq!(fetch(addr, "/", &sent).await.status, 200);
+    }
+    own.freeze();
+    for _ in 0..2 {
+        assert_eq!(fetch(addr, "/", &sent).await.status, 200); // decided by the local fallback
+    }
+    own.thaw();
+
+    let (all, histograms) = read(&snapshotter);
+    let timed = |outcome: &str| histograms.get(&format!("{}{{outcome={outcome}}}", observe::REDIS_DURATION)).copied();
+    assert_eq!(timed("ok"), Some(3));
+    assert_eq!(timed("timeout"), Some(2));
+    assert_eq!(all.get(&format!("{}{{fallback=local}}", observe::LIMITER_FALLBACKS)).copied(), Some(2));
+}

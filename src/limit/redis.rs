@@ -347,7 +347,11 @@ impl Shared {
     /// The fallback's decision, counted; what it admits is owed to the shared counters.
     fn fall_back(&self, key_id: &str, request: &LimitRequest<'_>, why: String) -> Result<LimitVerdict, LimitError> {
         self.fallbacks.fetch_add(1, Ordering::Relaxed);
-        let Fallback::Local { instances } = self.fallback else { return Err(LimitError::new(why)) };
+        let Fallback::Local { instances } = self.fallback else {
+            crate::observe::limiter_fallback("fail_closed");
+            return Err(LimitError::new(why));
+        };
+        crate::observe::limiter_fallback("local");
         tracing::debug!(%why, "keygate: Redis unavailable; deciding with local limits");
         let n = u64::from(instances.max(1));
         let limits: Vec<(RateLimit, u64)> = request.limits.iter().map(|(l, cost)| (share(l, n), *cost)).collect();
@@ -469,7 +473,15 @@ impl Limiter for RedisLimiter {
                 shared.pay_debts().await?;
                 shared.decide(&key_id, &request, op).await
             };
-            let why = match tokio::time::timeout(shared.timeout, decided).await {
+            let started = std::time::Instant::now();
+            let answer = tokio::time::timeout(shared.timeout, decided).await;
+            let outcome = match &answer {
+                Ok(Ok(_)) => "ok",
+                Ok(Err(_)) => "error",
+                Err(_) => "timeout",
+            };
+            crate::observe::redis_limiter(outcome, started.elapsed());
+            let why = match answer {
                 Ok(Ok(verdict)) => {
                     return Ok(verdict.map(|states| match &asked {
                         Some(asked) => super::per_entry(asked, &limits, states),
