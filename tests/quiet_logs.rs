@@ -1,15 +1,18 @@
-//! With Oneloop down, N requests log O(1) lines at WARN and above: state changes once, then a
-//! periodic summary; per-request refusals stay at DEBUG.
-#![cfg(feature = "oneloop")]
+//! With Oneloop down, or Redis frozen under the local fallback, N requests log O(1) lines at WARN
+//! and above: state changes once, then a periodic summary; per-request detail stays at DEBUG.
+#![cfg(any(feature = "oneloop", feature = "redis"))]
+#![cfg_attr(not(feature = "oneloop"), allow(unused_imports, dead_code))]
 
 mod common;
 
 use axum::body::Body;
 use axum::routing::get;
 use axum::Router;
+#[cfg(feature = "oneloop")]
 use common::oneloop::{answer, start, Behaviour, TOKEN};
 use http::{Request, StatusCode};
 use keygate::cache::CacheConfig;
+#[cfg(feature = "oneloop")]
 use keygate::oneloop::OneloopVerifier;
 use keygate::{ApiKeyLayer, RouteTable};
 use std::io::Write;
@@ -21,6 +24,7 @@ async fn call(app: &Router, key: &str) -> StatusCode {
     app.clone().oneshot(req).await.unwrap().status()
 }
 
+#[cfg(feature = "oneloop")]
 #[tokio::test] // current-thread: everything logs through this test's subscriber
 async fn an_outage_logs_its_state_changes_not_every_request() {
     let (logs, _guard) = common::Captured::start(tracing::Level::DEBUG);
@@ -53,4 +57,45 @@ async fn an_outage_logs_its_state_changes_not_every_request() {
     assert_eq!(call(&app, "unknown-0").await, StatusCode::UNAUTHORIZED);
     let recovered = logs.lines(" INFO ");
     assert!(recovered.iter().any(|l| l.contains("recovered")), "{recovered:?}");
+}
+
+/// A frozen Redis under the local fallback: requests keep passing, and the logs say so once, not
+/// per request; when it answers again, INFO once.
+#[cfg(feature = "redis")]
+#[cfg_attr(not(keygate_redis_server), ignore = "needs redis-server on PATH")]
+#[tokio::test]
+async fn a_frozen_redis_under_the_fallback_is_logged_once() {
+    use common::own_redis::{free_port, OwnRedis};
+    use keygate::limit::{Fallback, RateLimit, RedisLimiter};
+    use keygate::{KeyFacts, LocalVerifier};
+
+    let (logs, _guard) = common::Captured::start(tracing::Level::DEBUG);
+    let own = OwnRedis::start(free_port());
+    let conn = redis::Client::open(own.url()).unwrap().get_connection_manager().await.unwrap();
+    let limiter =
+        RedisLimiter::new(conn, "kgquiet").timeout(Duration::from_millis(50)).fallback(Fallback::Local { instances: 1 });
+    let verifier = LocalVerifier::in_memory();
+    let key = verifier.create(KeyFacts::new("k").with_scopes(["items:*".parse().unwrap()])).await.unwrap().key;
+    let layer = ApiKeyLayer::builder(verifier)
+        .routes(RouteTable::new().route("/v1/items", "items"))
+        .limiter(limiter)
+        .rate_limit(RateLimit::per_minute("default", 1000).unwrap())
+        .build()
+        .unwrap();
+    let app = Router::new().route("/v1/items", get(|| async { "ok" })).layer(layer);
+    let key = key.expose_secret();
+    assert_eq!(call(&app, key).await, StatusCode::OK);
+
+    own.freeze();
+    for _ in 0..40 {
+        assert_eq!(call(&app, key).await, StatusCode::OK, "the fallback decides");
+    }
+    let loud: Vec<String> = logs.lines(" WARN ").into_iter().chain(logs.lines(" ERROR ")).collect();
+    assert_eq!(loud.len(), 1, "one line for 40 requests with Redis frozen:\n{}", loud.join("\n"));
+    assert!(loud[0].contains("Redis (rate limits) is failing"), "{}", loud[0]);
+
+    own.thaw();
+    assert_eq!(call(&app, key).await, StatusCode::OK);
+    let recovered = logs.lines(" INFO ");
+    assert!(recovered.iter().any(|l| l.contains("Redis (rate limits) recovered")), "{recovered:?}");
 }

@@ -2,6 +2,7 @@
 
 use super::{Denied, LimitError, LimitRequest, LimitState, LimitVerdict, Limiter, MemoryLimiter, RateLimit, Refusal};
 use crate::boxed::BoxFuture;
+use crate::outage::Outage;
 use redis::aio::ConnectionManager;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -61,6 +62,8 @@ struct Shared {
     payer: AtomicBool,
     /// Per key id, what Redis last said the key had spent of its usage allowance.
     spent: Mutex<HashMap<Box<str>, u128>>,
+    /// Redis failing while the local fallback decides, logged as state changes.
+    outage: Outage,
 }
 
 #[derive(Default)]
@@ -190,6 +193,7 @@ impl RedisLimiter {
             paying: tokio::sync::Mutex::new(()),
             payer: AtomicBool::new(false),
             spent: Mutex::default(),
+            outage: Outage::new("Redis (rate limits)", "each instance decides its share of the limits locally"),
         };
         Self { shared: Arc::new(shared) }
     }
@@ -352,6 +356,8 @@ impl Shared {
             return Err(LimitError::new(why));
         };
         crate::observe::limiter_fallback("local");
+        // Failing closed, the gate says so (its 503s); falling back, this is the only word of it.
+        self.outage.failed(&why);
         tracing::debug!(%why, "keygate: Redis unavailable; deciding with local limits");
         let n = u64::from(instances.max(1));
         let limits: Vec<(RateLimit, u64)> = request.limits.iter().map(|(l, cost)| (share(l, n), *cost)).collect();
@@ -483,10 +489,11 @@ impl Limiter for RedisLimiter {
             crate::observe::redis_limiter(outcome, started.elapsed());
             let why = match answer {
                 Ok(Ok(verdict)) => {
+                    shared.outage.recovered();
                     return Ok(verdict.map(|states| match &asked {
                         Some(asked) => super::per_entry(asked, &limits, states),
                         None => states,
-                    }))
+                    }));
                 }
                 Ok(Err(error)) => format!("Redis: {error}"),
                 Err(_) => format!("Redis did not answer in {:?}", shared.timeout),
