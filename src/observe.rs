@@ -35,8 +35,14 @@ pub const REDIS_DURATION: &str = "keygate_redis_limiter_duration_seconds";
 /// `local`: its share of the limits in memory).
 pub const LIMITER_FALLBACKS: &str = "keygate_limiter_fallbacks_total";
 
+/// Histogram, seconds: the Redis key store's lookups on the request path, by `outcome` (`ok`,
+/// `error`, `timeout`).
+pub const STORE_DURATION: &str = "keygate_redis_store_duration_seconds";
+/// Counter: revocations received from other instances (each drops a key from this one's cache).
+pub const REVOCATIONS: &str = "keygate_revocations_received_total";
+
 /// Every metric name, for tests and documentation.
-pub const ALL: [&str; 9] = [
+pub const ALL: [&str; 11] = [
     DECISIONS,
     CACHE_LOOKUPS,
     SINGLE_FLIGHT_JOINS,
@@ -46,6 +52,8 @@ pub const ALL: [&str; 9] = [
     USAGE_UNSENT_AT_SHUTDOWN,
     REDIS_DURATION,
     LIMITER_FALLBACKS,
+    STORE_DURATION,
+    REVOCATIONS,
 ];
 
 /// What a synchronous cache lookup found.
@@ -168,6 +176,14 @@ mod on {
     pub(crate) fn limiter_fallback(fallback: &'static str) {
         metrics::counter!(LIMITER_FALLBACKS, "fallback" => fallback).increment(1);
     }
+
+    pub(crate) fn redis_store(outcome: &'static str, took: Duration) {
+        metrics::histogram!(STORE_DURATION, "outcome" => outcome).record(took.as_secs_f64());
+    }
+
+    pub(crate) fn revocation_received() {
+        metrics::counter!(REVOCATIONS).increment(1);
+    }
 }
 
 // The same calls without the feature: methods keep their `self` so call sites read the same.
@@ -210,6 +226,10 @@ mod on {
     pub(crate) fn redis_limiter(_: &'static str, _: Duration) {}
     #[inline(always)]
     pub(crate) fn limiter_fallback(_: &'static str) {}
+    #[inline(always)]
+    pub(crate) fn redis_store(_: &'static str, _: Duration) {}
+    #[inline(always)]
+    pub(crate) fn revocation_received() {}
 }
 
 pub(crate) use on::*;

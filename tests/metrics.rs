@@ -280,3 +280,50 @@ async fn redis_limiter_latency_and_fallbacks_are_counted() {
     assert_eq!(timed("timeout"), Some(2));
     assert_eq!(all.get(&format!("{}{{fallback=local}}", observe::LIMITER_FALLBACKS)).copied(), Some(2));
 }
+
+/// The Redis key store's lookups are timed by outcome, and a revocation published by one instance
+/// is counted where it is received. On a Redis of the test's own.
+#[cfg(feature = "redis")]
+#[cfg_attr(not(keygate_redis_server), ignore = "needs redis-server on PATH")]
+#[tokio::test]
+async fn redis_key_store_lookups_and_revocations_received_are_counted() {
+    use common::own_redis::{free_port, OwnRedis};
+    use keygate::store::RedisKeyStore;
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+
+    let own = OwnRedis::start(free_port());
+    let client = redis::Client::open(own.url()).unwrap();
+    let store = RedisKeyStore::new(client.get_connection_manager().await.unwrap(), "kgstore");
+    let admin = LocalVerifier::new(store.clone());
+    let key = admin.create(KeyFacts::new("k")).await.unwrap().key;
+    let cached = CachedVerifier::new(LocalVerifier::new(store.clone()), CacheConfig::default());
+    let cache = cached.clone();
+    store.listen(client, move |digest| cache.invalidate_digest(digest));
+    tokio::time::sleep(Duration::from_millis(200)).await; // subscribed
+    let addr = serve_axum(Router::new().route("/", get(|| async { "ok" })).layer(ApiKeyLayer::new(cached))).await;
+    let sent = [("x-api-key", key.expose_secret().as_bytes())];
+
+    assert_eq!(fetch(addr, "/", &sent).await.status, 200); // a lookup in Redis
+    assert_eq!(fetch(addr, "/", &sent).await.status, 200); // cached
+    admin.disable("k").await.unwrap(); // published to every instance
+    let mut refused = false;
+    for _ in 0..100 {
+        if fetch(addr, "/", &sent).await.status == 401 {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(refused, "the revocation reached the cache");
+
+    let (all, histograms) = read(&snapshotter);
+    assert_eq!(all.get(&format!("{}{{}}", observe::REVOCATIONS)).copied(), Some(1));
+    let lookups = histograms.get(&format!("{}{{outcome=ok}}", observe::STORE_DURATION)).copied().unwrap_or(0);
+    assert!(
+        lookups >= 3,
+        "the first request's, the admin's (disable looks the key up), the one after the revocation: {lookups}"
+    );
+}

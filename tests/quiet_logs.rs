@@ -72,8 +72,9 @@ async fn a_frozen_redis_under_the_fallback_is_logged_once() {
     let (logs, _guard) = common::Captured::start(tracing::Level::DEBUG);
     let own = OwnRedis::start(free_port());
     let conn = redis::Client::open(own.url()).unwrap().get_connection_manager().await.unwrap();
-    let limiter =
-        RedisLimiter::new(conn, "kgquiet").timeout(Duration::from_millis(50)).fallback(Fallback::Local { instances: 1 });
+    let limiter = RedisLimiter::new(conn, "kgquiet")
+        .timeout(Duration::from_millis(50))
+        .fallback(Fallback::Local { instances: 1 });
     let verifier = LocalVerifier::in_memory();
     let key = verifier.create(KeyFacts::new("k").with_scopes(["items:*".parse().unwrap()])).await.unwrap().key;
     let layer = ApiKeyLayer::builder(verifier)

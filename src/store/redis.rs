@@ -9,6 +9,9 @@ use redis::aio::ConnectionManager;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+/// How a store error from a timeout begins (the metrics tell timeouts from other failures by it).
+const TIMED_OUT: &str = "Redis did not answer in";
+
 /// A [`KeyStore`] in Redis, shared by every instance: a key created, disabled or rotated on one is
 /// seen by all.
 ///
@@ -90,7 +93,7 @@ impl RedisKeyStore {
     async fn timed<T>(&self, op: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, StoreError> {
         match tokio::time::timeout(self.timeout, op).await {
             Ok(result) => result.map_err(backend),
-            Err(_) => Err(StoreError::Backend(format!("Redis did not answer in {:?}", self.timeout))),
+            Err(_) => Err(StoreError::Backend(format!("{TIMED_OUT} {:?}", self.timeout))),
         }
     }
 
@@ -101,6 +104,7 @@ impl RedisKeyStore {
             let record = record.clone();
             async move { redis::cmd("GET").arg(record).query_async::<Option<String>>(&mut conn).await }
         };
+        let started = std::time::Instant::now();
         let json = self
             .timed(async {
                 match get().await {
@@ -110,7 +114,14 @@ impl RedisKeyStore {
                     other => other,
                 }
             })
-            .await?;
+            .await;
+        let outcome = match &json {
+            Ok(_) => "ok",
+            Err(StoreError::Backend(message)) if message.starts_with(TIMED_OUT) => "timeout",
+            Err(_) => "error",
+        };
+        crate::observe::redis_store(outcome, started.elapsed());
+        let json = json?;
         json.map(|j| serde_json::from_str(&j).map_err(backend)).transpose()
     }
 
@@ -129,7 +140,10 @@ impl RedisKeyStore {
                             let mut messages = pubsub.on_message();
                             while let Some(message) = messages.next().await {
                                 match message.get_payload::<String>().map(|p| p.parse::<KeyDigest>()) {
-                                    Ok(Ok(digest)) => on_revoke(&digest),
+                                    Ok(Ok(digest)) => {
+                                        crate::observe::revocation_received();
+                                        on_revoke(&digest);
+                                    }
                                     _ => tracing::warn!("keygate: unreadable revocation message ignored"),
                                 }
                             }
