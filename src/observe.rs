@@ -100,7 +100,10 @@ mod on {
                 });
                 metrics::counter!(DECISIONS, "outcome" => outcome, "cause" => cause, "route" => route)
             };
-            self.counters[kind].get_or_init(register).increment(1);
+            // A kind past the table (a refusal cause added without room) goes uncounted, never panics.
+            if let Some(counter) = self.counters.get(kind) {
+                counter.get_or_init(register).increment(1);
+            }
         }
     }
 

@@ -9,9 +9,6 @@ use redis::aio::ConnectionManager;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-/// How a store error from a timeout begins (the metrics tell timeouts from other failures by it).
-const TIMED_OUT: &str = "Redis did not answer in";
-
 /// A [`KeyStore`] in Redis, shared by every instance: a key created, disabled or rotated on one is
 /// seen by all.
 ///
@@ -93,8 +90,12 @@ impl RedisKeyStore {
     async fn timed<T>(&self, op: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, StoreError> {
         match tokio::time::timeout(self.timeout, op).await {
             Ok(result) => result.map_err(backend),
-            Err(_) => Err(StoreError::Backend(format!("{TIMED_OUT} {:?}", self.timeout))),
+            Err(_) => Err(self.timed_out()),
         }
+    }
+
+    fn timed_out(&self) -> StoreError {
+        StoreError::Backend(format!("Redis did not answer in {:?}", self.timeout))
     }
 
     async fn load(&self, digest: &KeyDigest) -> Result<Option<StoredKey>, StoreError> {
@@ -105,23 +106,22 @@ impl RedisKeyStore {
             async move { redis::cmd("GET").arg(record).query_async::<Option<String>>(&mut conn).await }
         };
         let started = std::time::Instant::now();
-        let json = self
-            .timed(async {
-                match get().await {
-                    // A dead connection (Redis restarted) fails the first command on it, and the
-                    // manager reconnects: a read is safe to send once more, on the new connection.
-                    Err(e) if e.is_connection_dropped() || e.is_io_error() || e.is_connection_refusal() => get().await,
-                    other => other,
-                }
-            })
-            .await;
-        let outcome = match &json {
-            Ok(_) => "ok",
-            Err(StoreError::Backend(message)) if message.starts_with(TIMED_OUT) => "timeout",
-            Err(_) => "error",
+        let answer = tokio::time::timeout(self.timeout, async {
+            match get().await {
+                // A dead connection (Redis restarted) fails the first command on it, and the
+                // manager reconnects: a read is safe to send once more, on the new connection.
+                Err(e) if e.is_connection_dropped() || e.is_io_error() || e.is_connection_refusal() => get().await,
+                other => other,
+            }
+        })
+        .await;
+        let outcome = match &answer {
+            Ok(Ok(_)) => "ok",
+            Ok(Err(_)) => "error",
+            Err(_) => "timeout",
         };
         crate::observe::redis_store(outcome, started.elapsed());
-        let json = json?;
+        let json = answer.map_err(|_| self.timed_out())?.map_err(backend)?;
         json.map(|j| serde_json::from_str(&j).map_err(backend)).transpose()
     }
 
