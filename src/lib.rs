@@ -12,6 +12,9 @@ mod boxed;
 pub mod breaker;
 mod build_error;
 pub mod cache;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod connection;
 mod context;
 mod extract;
 mod facts;
@@ -37,6 +40,9 @@ pub mod verify;
 pub use body::ResponseBody;
 pub use boxed::BoxFuture;
 pub use build_error::{BuildError, KEY_LEN_CEILING};
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use connection::RedisConnection;
 pub use context::VerifiedKey;
 #[cfg(feature = "axum")]
 pub use context::VerifiedKeyRejection;

@@ -40,9 +40,12 @@ pub const LIMITER_FALLBACKS: &str = "keygate_limiter_fallbacks_total";
 pub const STORE_DURATION: &str = "keygate_redis_store_duration_seconds";
 /// Counter: revocations received from other instances (each drops a key from this one's cache).
 pub const REVOCATIONS: &str = "keygate_revocations_received_total";
+/// Histogram, seconds: how long after Redis recorded a revocation this instance applied it (by
+/// Redis's clock against this host's: exact on one host, skewed by their difference otherwise).
+pub const REVOCATION_LAG: &str = "keygate_revocation_lag_seconds";
 
 /// Every metric name, for tests and documentation.
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 12] = [
     DECISIONS,
     CACHE_LOOKUPS,
     SINGLE_FLIGHT_JOINS,
@@ -54,6 +57,7 @@ pub const ALL: [&str; 11] = [
     LIMITER_FALLBACKS,
     STORE_DURATION,
     REVOCATIONS,
+    REVOCATION_LAG,
 ];
 
 /// What a synchronous cache lookup found.
@@ -184,8 +188,9 @@ mod on {
         metrics::histogram!(STORE_DURATION, "outcome" => outcome).record(took.as_secs_f64());
     }
 
-    pub(crate) fn revocation_received() {
+    pub(crate) fn revocation_received(lag: Duration) {
         metrics::counter!(REVOCATIONS).increment(1);
+        metrics::histogram!(REVOCATION_LAG).record(lag.as_secs_f64());
     }
 }
 
@@ -232,7 +237,7 @@ mod on {
     #[inline(always)]
     pub(crate) fn redis_store(_: &'static str, _: Duration) {}
     #[inline(always)]
-    pub(crate) fn revocation_received() {}
+    pub(crate) fn revocation_received(_: Duration) {}
 }
 
 pub(crate) use on::*;

@@ -137,7 +137,7 @@ proptest! {
         one_allowance_per_key(&mut steps);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
-            let conn = redis::Client::open(url.as_str()).unwrap().get_connection_manager().await.unwrap();
+            let conn = keygate::RedisConnection::open(url.as_str()).unwrap();
             let mut n = [0u8; 8];
             getrandom::fill(&mut n).unwrap();
             let limiter = keygate::limit::RedisLimiter::new(conn, &format!("kgmodel:{}", u64::from_le_bytes(n)))

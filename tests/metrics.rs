@@ -254,7 +254,7 @@ async fn redis_limiter_latency_and_fallbacks_are_counted() {
     let _local = metrics::set_default_local_recorder(&recorder);
 
     let own = OwnRedis::start(free_port());
-    let conn = redis::Client::open(own.url()).unwrap().get_connection_manager().await.unwrap();
+    let conn = keygate::RedisConnection::open(&own.url()).unwrap();
     let limiter = RedisLimiter::new(conn, "kgmetrics")
         .timeout(Duration::from_millis(250))
         .fallback(Fallback::Local { instances: 1 });
@@ -295,20 +295,19 @@ async fn redis_key_store_lookups_and_revocations_received_are_counted() {
     let _local = metrics::set_default_local_recorder(&recorder);
 
     let own = OwnRedis::start(free_port());
-    let client = redis::Client::open(own.url()).unwrap();
-    let store = RedisKeyStore::new(client.get_connection_manager().await.unwrap(), "kgstore");
+    let store = RedisKeyStore::new(keygate::RedisConnection::open(&own.url()).unwrap(), "kgstore");
     let admin = LocalVerifier::new(store.clone());
     let key = admin.create(KeyFacts::new("k")).await.unwrap().key;
     let cached = CachedVerifier::new(LocalVerifier::new(store.clone()), CacheConfig::default());
     let cache = cached.clone();
-    store.listen(client, move |digest| cache.invalidate_digest(digest));
-    tokio::time::sleep(Duration::from_millis(200)).await; // subscribed
+    store.listen(move |revoked| cache.revoke(revoked));
+    tokio::time::sleep(Duration::from_millis(200)).await; // reading the stream
     let addr = serve_axum(Router::new().route("/", get(|| async { "ok" })).layer(ApiKeyLayer::new(cached))).await;
     let sent = [("x-api-key", key.expose_secret().as_bytes())];
 
     assert_eq!(fetch(addr, "/", &sent).await.status, 200); // a lookup in Redis
     assert_eq!(fetch(addr, "/", &sent).await.status, 200); // cached
-    admin.disable("k").await.unwrap(); // published to every instance
+    admin.disable("k").await.unwrap(); // on the revocation stream every instance reads
     let mut refused = false;
     for _ in 0..100 {
         if fetch(addr, "/", &sent).await.status == 401 {

@@ -41,16 +41,15 @@ async fn instance(
     prefix: &str,
     configure: impl FnOnce(keygate::ApiKeyLayerBuilder) -> keygate::ApiKeyLayerBuilder,
 ) -> Instance {
-    let client = redis::Client::open(url).unwrap();
-    let store = RedisKeyStore::new(client.get_connection_manager().await.unwrap(), prefix);
+    let conn = keygate::RedisConnection::open(url).unwrap();
+    let store = RedisKeyStore::new(conn.clone(), prefix);
     let verifier = LocalVerifier::new(store.clone());
     let cached = CachedVerifier::new(verifier.clone(), CacheConfig::default());
     let cache = cached.clone();
-    store.listen(client.clone(), move |digest| cache.invalidate_digest(digest));
+    store.listen(move |revoked| cache.revoke(revoked));
     // A thousand concurrent requests on a debug build queue up at Redis: these tests are about exact
     // counts, so they allow slow answers (the outage test below keeps the 50 ms default).
-    let limiter =
-        RedisLimiter::new(client.get_connection_manager().await.unwrap(), prefix).timeout(Duration::from_secs(5));
+    let limiter = RedisLimiter::new(conn, prefix).timeout(Duration::from_secs(5));
     let routes = RouteTable::new().route("/x", "x").route_with("/spend", "x", RoutePolicy::new().usage(1, None));
     let layer = configure(ApiKeyLayer::builder(cached).limiter(limiter).routes(routes)).build().unwrap();
     let app = Router::new().route("/x", get(|| async { "ok" })).route("/spend", get(|| async { "ok" })).layer(layer);
@@ -106,7 +105,7 @@ async fn four_instances_share_one_limit() {
 #[tokio::test]
 async fn a_denied_limit_consumes_nothing_from_the_other() {
     let url = redis_url();
-    let conn = redis::Client::open(url).unwrap().get_connection_manager().await.unwrap();
+    let conn = keygate::RedisConnection::open(&url).unwrap();
     let limiter = RedisLimiter::new(conn, &prefix("two"));
     let wide = RateLimit::per_minute("wide", 10).unwrap();
     let narrow = RateLimit::per_minute("narrow", 2).unwrap();
@@ -135,7 +134,7 @@ async fn a_balance_is_spent_once_across_instances() {
     let facts = KeyFacts::new("k").with_scopes(["x:*".parse().unwrap()]).with_usage_limit(1_000);
     let key = instances[0].verifier.create(facts).await.unwrap().key;
     assert_eq!(storm(&instances, "/spend", key.expose_secret(), 300).await, 1_000);
-    let mut conn = redis::Client::open(url).unwrap().get_connection_manager().await.unwrap();
+    let mut conn = keygate::RedisConnection::open(&url).unwrap();
     let spent: u64 =
         redis::cmd("HGET").arg(format!("{prefix}:{{k}}:usage")).arg("local").query_async(&mut conn).await.unwrap();
     assert_eq!(spent, 1_000, "the balance of 1 000 ends at exactly 0");
@@ -188,7 +187,7 @@ async fn with_redis_down_the_fallback_decides_within_the_timeout_and_it_recovers
     let mut apps = Vec::new();
     let mut limiters = Vec::new();
     for fallback in [Fallback::FailClosed, Fallback::Local { instances: 4 }] {
-        let conn = redis::Client::open(url.as_str()).unwrap().get_connection_manager().await.unwrap();
+        let conn = keygate::RedisConnection::open(url.as_str()).unwrap();
         let limiter = std::sync::Arc::new(RedisLimiter::new(conn, &prefix("down")).fallback(fallback));
         let layer =
             ApiKeyLayer::builder(verifier.clone()).limiter(limiter.clone()).rate_limit(limit.clone()).build().unwrap();
@@ -249,7 +248,7 @@ async fn the_same_limit_twice_is_one_limit_in_redis() {
     }
     assert_eq!(ok, 5);
 
-    let conn = redis::Client::open(url.as_str()).unwrap().get_connection_manager().await.unwrap();
+    let conn = keygate::RedisConnection::open(url.as_str()).unwrap();
     let limiter = RedisLimiter::new(conn, &prefix("twice-direct"));
     let twice = [(rl.clone(), 1), (rl.clone(), 1)];
     let mut remaining = Vec::new();

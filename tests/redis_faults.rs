@@ -17,7 +17,7 @@ use std::time::Duration;
 use tower::ServiceExt;
 
 async fn instance(url: &str, verifier: &LocalVerifier, fallback: Fallback, limit: Option<RateLimit>) -> Router {
-    let conn = redis::Client::open(url).unwrap().get_connection_manager().await.unwrap();
+    let conn = keygate::RedisConnection::open(url).unwrap();
     // Generous for a loaded 2-core CI machine; a frozen Redis still misses it.
     let limiter = RedisLimiter::new(conn, "kgfault").fallback(fallback).timeout(Duration::from_millis(250));
     let routes = RouteTable::new().route("/x", "x").route_with("/spend", "x", RoutePolicy::new().usage(1, None));
@@ -159,8 +159,7 @@ async fn a_balance_spent_during_an_outage_is_spent_once() {
 async fn the_first_lookup_after_a_restart_is_not_a_503() {
     let port = free_port();
     let mut own = OwnRedis::start(port);
-    let client = redis::Client::open(own.url()).unwrap();
-    let store = keygate::store::RedisKeyStore::new(client.get_connection_manager().await.unwrap(), "kgrestart")
+    let store = keygate::store::RedisKeyStore::new(keygate::RedisConnection::open(&own.url()).unwrap(), "kgrestart")
         .timeout(Duration::from_secs(2));
     let verifier = LocalVerifier::new(store);
     let first = key(&verifier, KeyFacts::new("k1")).await;
@@ -170,9 +169,8 @@ async fn the_first_lookup_after_a_restart_is_not_a_503() {
     own.stop();
     let _own = OwnRedis::start(port);
     // The restarted Redis kept nothing: an admin (on a connection of its own) adds a key again.
-    let admin_client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
     let admin = LocalVerifier::new(keygate::store::RedisKeyStore::new(
-        admin_client.get_connection_manager().await.unwrap(),
+        keygate::RedisConnection::open(&format!("redis://127.0.0.1:{port}")).unwrap(),
         "kgrestart",
     ));
     let second = key(&admin, KeyFacts::new("k2")).await;

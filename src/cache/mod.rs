@@ -87,9 +87,8 @@ impl CacheConfig {
 
 struct Entry {
     answer: Answer,
-    /// The first 8 bytes of the key's SHA-256, for invalidations that arrive as digests (a shared
-    /// prefix can only drop an entry too many, never keep one).
-    digest: u64,
+    /// The key's digest, to take it out of the digest index when the entry goes.
+    digest: KeyDigest,
     /// When the upstream call that produced this entry started, and until when the entry is fresh
     /// and may be kept; in nanoseconds since the cache was made (8 bytes, not an `Instant`'s 16).
     started: u64,
@@ -133,6 +132,10 @@ struct Shared<V> {
     /// What entries' times count from.
     base: Instant,
     cache: Cache<Fingerprint, Arc<Entry>>,
+    /// Which entry holds a digest, for revocations that arrive as digests: entries are added
+    /// before they enter the cache and removed when they leave it (moka's eviction listener), so
+    /// every cached key is found here. Touched on misses and revocations only, never on a hit.
+    by_digest: Arc<std::sync::Mutex<std::collections::HashMap<KeyDigest, Fingerprint>>>,
     /// When recently invalidated keys were invalidated: answers from calls started before that are
     /// not stored.
     invalidated: Cache<KeyDigest, Instant>,
@@ -151,10 +154,20 @@ impl<V: Verifier> CachedVerifier<V> {
     pub fn new(verifier: V, config: CacheConfig) -> Self {
         // One TTL for the whole cache (an entry's own freshness and stale window are checked on
         // read): moka then keeps no per-entry timer, which is most of its per-entry memory.
+        let by_digest: Arc<std::sync::Mutex<std::collections::HashMap<KeyDigest, Fingerprint>>> = Arc::default();
+        let index = by_digest.clone();
         let cache = Cache::builder()
             .max_capacity(config.max_entries)
             .time_to_live((config.positive_ttl + config.max_stale).max(config.negative_ttl))
-            .support_invalidation_closures()
+            .eviction_listener(move |fingerprint: Arc<Fingerprint>, entry: Arc<Entry>, cause| {
+                // A replaced entry's successor has the same key and digest: keep its index entry.
+                if cause != moka::notification::RemovalCause::Replaced {
+                    let mut index = crate::lock::lock(&index);
+                    if index.get(&entry.digest) == Some(&*fingerprint) {
+                        index.remove(&entry.digest);
+                    }
+                }
+            })
             .build();
         // Kept longer than any call can take, so an answer from before an invalidation is recognised.
         let remember = config.positive_ttl.max(Duration::from_secs(60));
@@ -166,6 +179,7 @@ impl<V: Verifier> CachedVerifier<V> {
             verifier,
             base: Instant::now(),
             cache,
+            by_digest,
             invalidated,
             flights,
             generation,
@@ -187,15 +201,27 @@ impl<V: Verifier> CachedVerifier<V> {
     }
 
     /// [`invalidate`](Self::invalidate) by digest, for revocations that arrive as digests (from
-    /// another instance, say). A call already in flight for the key may still answer the requests
-    /// that joined it, but its answer is not stored.
+    /// another instance, say): one index lookup and one removal, whatever the cache holds. A call
+    /// already in flight for the key may still answer the requests that joined it, but its answer
+    /// is not stored.
     pub fn invalidate_digest(&self, digest: &KeyDigest) {
         self.shared.invalidated.insert(*digest, Instant::now());
-        let digest = prefix(digest);
-        // moka stops returning matching entries at once and removes them in its maintenance.
-        if let Err(error) = self.shared.cache.invalidate_entries_if(move |_, e| e.digest == digest) {
-            tracing::warn!(%error, "keygate: could not invalidate by digest; dropping the whole cache");
-            self.shared.cache.invalidate_all();
+        let fingerprint = crate::lock::lock(&self.shared.by_digest).get(digest).copied();
+        if let Some(fingerprint) = fingerprint {
+            self.shared.cache.invalidate(&fingerprint);
+            self.shared.flights.forget(&fingerprint);
+        }
+    }
+
+    /// Applies a revocation from [`RedisKeyStore::listen`](crate::store::RedisKeyStore::listen):
+    /// [`invalidate_digest`](Self::invalidate_digest) for one key, [`invalidate_all`](Self::invalidate_all)
+    /// when some may have been missed.
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn revoke(&self, revoked: crate::store::Revoked<'_>) {
+        match revoked {
+            crate::store::Revoked::Key(digest) => self.invalidate_digest(digest),
+            crate::store::Revoked::All => self.invalidate_all(),
         }
     }
 
@@ -274,12 +300,15 @@ impl<V: Verifier> Shared<V> {
             return;
         }
         let lifetimes = self.lifetimes(answer, Instant::now());
+        if lifetimes.is_some() {
+            crate::lock::lock(&self.by_digest).insert(digest, fingerprint);
+        }
         self.cache.entry(fingerprint).and_compute_with(|current| match (current, lifetimes) {
             (Some(e), _) if e.value().started > self.at(started) => Op::Nop,
             (_, None) => Op::Remove,
             (_, Some((fresh_until, keep_until))) => Op::Put(Arc::new(Entry {
                 answer: Answer::of(answer),
-                digest: prefix(&digest),
+                digest,
                 started: self.at(started),
                 fresh_until: self.at(fresh_until),
                 keep_until: self.at(keep_until),
@@ -315,10 +344,6 @@ impl<V: Verifier> Shared<V> {
             None => Err(error),
         })
     }
-}
-
-fn prefix(digest: &KeyDigest) -> u64 {
-    u64::from_le_bytes(digest.as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
 impl<V: Verifier> Verifier for CachedVerifier<V> {

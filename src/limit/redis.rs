@@ -2,8 +2,8 @@
 
 use super::{Denied, LimitError, LimitRequest, LimitState, LimitVerdict, Limiter, MemoryLimiter, RateLimit, Refusal};
 use crate::boxed::BoxFuture;
+use crate::connection::RedisConnection;
 use crate::outage::Outage;
-use redis::aio::ConnectionManager;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -43,7 +43,7 @@ pub struct RedisLimiter {
 }
 
 struct Shared {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     prefix: String,
     timeout: Duration,
     reconcile_window: Duration,
@@ -169,7 +169,7 @@ fn lua_number(n: u128) -> u64 {
 impl RedisLimiter {
     /// A limiter on `conn`, with its keys under `prefix`.
     #[must_use]
-    pub fn new(conn: ConnectionManager, prefix: &str) -> Self {
+    pub fn new(conn: RedisConnection, prefix: &str) -> Self {
         let mut seed = [0u8; 8];
         // Without entropy, the clock still separates instances started apart.
         let instance = getrandom::fill(&mut seed).map_or_else(
@@ -268,7 +268,7 @@ impl Shared {
             invocation.arg(lua_number(u.allowed)).arg(lua_number(u.reported)).arg(u.amount);
         }
         invocation.arg(self.ttl_ms());
-        let reply: Vec<i64> = invocation.invoke_async(&mut self.conn.clone()).await?;
+        let reply: Vec<i64> = self.conn.write(&invocation).await?;
         let ms = |v: i64| Duration::from_millis(v.max(0) as u64);
         Ok(match reply.as_slice() {
             [1, spent, rest @ ..] => {
@@ -290,7 +290,11 @@ impl Shared {
                 Err(Refusal::Rate(Denied { limit, retry_after: ms(*wait) }))
             }
             [0, 2, ..] => Err(Refusal::Usage),
-            other => return Err((redis::ErrorKind::TypeError, "unexpected limiter reply", format!("{other:?}")).into()),
+            other => {
+                return Err(
+                    (redis::ErrorKind::UnexpectedReturnType, "unexpected limiter reply", format!("{other:?}")).into()
+                )
+            }
         })
     }
 
@@ -429,7 +433,7 @@ impl Shared {
                 invocation.arg(*cost);
             }
             invocation.arg(usage);
-            invocation.invoke_async::<i64>(&mut self.conn.clone()).await?;
+            self.conn.write::<i64>(&invocation).await?;
             // Paid: off the books, less anything the fallback admitted meanwhile.
             let mut debts = crate::lock::lock(&self.debts);
             if let Some(debt) = debts.get_mut(&key_id) {
@@ -549,7 +553,7 @@ mod parity {
     const TICK: u64 = 500;
 
     /// Moves Redis's clock for the counters under `prefix` forward by `ms`.
-    async fn advance(conn: &mut redis::aio::ConnectionManager, prefix: &str, ms: u64) {
+    async fn advance(conn: &mut crate::RedisConnection, prefix: &str, ms: u64) {
         let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(conn).await.unwrap();
         for key in keys {
             let ttl: i64 = redis::cmd("PTTL").arg(&key).query_async(conn).await.unwrap();
@@ -592,7 +596,7 @@ mod parity {
             let url = std::env::var("REDIS_URL").expect("REDIS_URL is set (this test is ignored otherwise)");
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async {
-                let mut conn = redis::Client::open(url.as_str()).unwrap().get_connection_manager().await.unwrap();
+                let mut conn = crate::RedisConnection::open(&url).unwrap();
                 let mut seed = [0u8; 8];
                 getrandom::fill(&mut seed).unwrap();
                 let prefix = format!("kgparity:{:x}", u64::from_le_bytes(seed));

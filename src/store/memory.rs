@@ -59,14 +59,21 @@ impl MemoryStore {
         })
     }
 
-    fn put_now(&self, digest: KeyDigest, key: StoredKey) {
+    fn replace_now(&self, current: KeyDigest, was: &StoredKey, digest: KeyDigest, mut next: StoredKey) -> bool {
         self.write(|m| {
-            if let Some(old) = m.by_id.insert(key.facts.id.clone(), digest) {
-                if old != digest {
-                    m.by_digest.remove(&old);
-                }
+            let id = &was.facts.id;
+            let unchanged = m.by_id.get(id.as_str()) == Some(&current)
+                && m.by_digest.get(&current).is_some_and(|k| k.revision == was.revision);
+            if !unchanged || (digest != current && m.by_digest.contains_key(&digest)) {
+                return false;
             }
-            m.by_digest.insert(digest, key);
+            next.revision = was.revision + 1;
+            if digest != current {
+                m.by_digest.remove(&current);
+                m.by_id.insert(id.clone(), digest);
+            }
+            m.by_digest.insert(digest, next);
+            true
         })
     }
 }
@@ -102,8 +109,14 @@ impl KeyStore for MemoryStore {
         Box::pin(async move { result })
     }
 
-    fn put(&self, digest: KeyDigest, key: StoredKey) -> BoxFuture<'static, Result<(), StoreError>> {
-        self.put_now(digest, key);
-        Box::pin(async move { Ok(()) })
+    fn replace(
+        &self,
+        current: KeyDigest,
+        was: &StoredKey,
+        digest: KeyDigest,
+        next: StoredKey,
+    ) -> BoxFuture<'static, Result<bool, StoreError>> {
+        let replaced = self.replace_now(current, was, digest, next);
+        Box::pin(async move { Ok(replaced) })
     }
 }

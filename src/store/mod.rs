@@ -11,7 +11,7 @@ mod redis;
 pub use file::{KeyFile, LoadError};
 pub use memory::MemoryStore;
 #[cfg(feature = "redis")]
-pub use redis::RedisKeyStore;
+pub use redis::{EvictionPolicy, RedisKeyStore, Revoked, STREAM_LEN};
 
 use crate::boxed::BoxFuture;
 use crate::facts::{KeyFacts, KeyStatus};
@@ -31,6 +31,10 @@ pub struct StoredKey {
     pub enabled: bool,
     /// `true` once deleted, for good.
     pub deleted: bool,
+    /// How many times the store has replaced this record: it sets this, and
+    /// [`KeyStore::replace`] compares it, so that of two admins changing one key at once neither
+    /// change is lost. 0 for a new key.
+    pub revision: u64,
 }
 
 /// [`StoredKey`]'s serialised form.
@@ -45,6 +49,8 @@ struct StoredRecord {
     enabled: bool,
     #[serde(default)]
     deleted: bool,
+    #[serde(default)]
+    rev: u64,
 }
 
 /// The version this code writes.
@@ -56,13 +62,13 @@ fn enabled_by_default() -> bool {
 
 impl From<StoredRecord> for StoredKey {
     fn from(r: StoredRecord) -> Self {
-        Self { facts: r.facts, enabled: r.enabled, deleted: r.deleted }
+        Self { facts: r.facts, enabled: r.enabled, deleted: r.deleted, revision: r.rev }
     }
 }
 
 impl From<StoredKey> for StoredRecord {
     fn from(k: StoredKey) -> Self {
-        Self { v: RECORD_VERSION, facts: k.facts, enabled: k.enabled, deleted: k.deleted }
+        Self { v: RECORD_VERSION, facts: k.facts, enabled: k.enabled, deleted: k.deleted, rev: k.revision }
     }
 }
 
@@ -70,7 +76,7 @@ impl StoredKey {
     /// An enabled key with these facts.
     #[must_use]
     pub fn new(facts: KeyFacts) -> Self {
-        Self { facts: Arc::new(facts), enabled: true, deleted: false }
+        Self { facts: Arc::new(facts), enabled: true, deleted: false, revision: 0 }
     }
 
     /// The key's status now; reads the clock only if the key expires.
@@ -157,7 +163,19 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Adds a key; fails with [`StoreError::Exists`] if its id or digest is taken.
     fn insert(&self, digest: KeyDigest, key: StoredKey) -> BoxFuture<'static, Result<(), StoreError>>;
 
-    /// Stores `key` under `digest`, replacing whatever had its id: under another digest, that
-    /// digest is removed in the same step (this is how rotation works).
-    fn put(&self, digest: KeyDigest, key: StoredKey) -> BoxFuture<'static, Result<(), StoreError>>;
+    /// Compare-and-set: replaces the key that [`find`](Self::find) returned as `(current, was)`,
+    /// if the store still holds it unchanged (`current` is still its digest, `was.revision` still
+    /// its revision), with `next` stored under `digest` at revision `was.revision + 1`. A new
+    /// `digest` is a rotation: `current` is removed in the same step. `next` keeps `was`'s id.
+    ///
+    /// `Ok(false)`, changing nothing, when the key changed since it was read (or `digest` is
+    /// another key's): read it again and retry, as [`LocalVerifier`](crate::LocalVerifier)'s admin
+    /// methods do.
+    fn replace(
+        &self,
+        current: KeyDigest,
+        was: &StoredKey,
+        digest: KeyDigest,
+        next: StoredKey,
+    ) -> BoxFuture<'static, Result<bool, StoreError>>;
 }

@@ -1,13 +1,26 @@
-//! Keys in Redis, shared by every instance, with revocations published to all of them (feature
-//! `redis`).
+//! Keys in Redis, shared by every instance, with revocations on a Redis stream that every
+//! instance reads (feature `redis`).
+//!
+//! Layout, all in one hash slot (`{prefix}`) so that every script runs on one Cluster node:
+//! `{prefix}:key:<digest>` a key's record (JSON), `{prefix}:id:<id>` its digest,
+//! `{prefix}:revoked` the stream of digests whose meaning changed (capped near [`STREAM_LEN`]).
 
 use super::{KeyStore, StoreError, StoredKey};
 use crate::boxed::BoxFuture;
+use crate::connection::RedisConnection;
 use crate::key::KeyDigest;
-use futures_util::StreamExt;
-use redis::aio::ConnectionManager;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+mod listen;
+mod policy;
+
+pub use listen::Revoked;
+pub use policy::EvictionPolicy;
+
+/// About how many revocations the stream keeps: an instance cut off for longer than it takes to
+/// make this many changes cannot tell which it missed, and drops its whole cache instead.
+pub const STREAM_LEN: u64 = 10_000;
 
 /// A [`KeyStore`] in Redis, shared by every instance: a key created, disabled or rotated on one is
 /// seen by all.
@@ -19,12 +32,14 @@ use std::time::Duration;
 #[doc = include_str!("../../docs/redis_key_store.md")]
 #[derive(Clone)]
 pub struct RedisKeyStore {
-    conn: ConnectionManager,
-    prefix: Arc<str>,
+    conn: RedisConnection,
+    /// `{prefix}`: the hash tag every key of this store starts with.
+    tag: Arc<str>,
     timeout: Duration,
 }
 
 /// Inserts a record and its id, unless either is taken.
+/// KEYS: record, id. ARGV: json, digest.
 const INSERT: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
@@ -32,37 +47,49 @@ redis.call('SET', KEYS[2], ARGV[2])
 return 1
 "#;
 
-/// Stores a record under its digest and points its id at it; removes the record its id pointed at
-/// before (rotation); publishes the digest that changed meaning.
-/// KEYS: record, id; ARGV: json, digest, key prefix, channel.
-const PUT: &str = r#"
-local old = redis.call('GET', KEYS[2])
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('SET', KEYS[2], ARGV[2])
-if old and old ~= ARGV[2] then
-  redis.call('DEL', ARGV[3] .. old)
-  redis.call('PUBLISH', ARGV[4], old)
+/// Compare-and-set: replaces the record the id points at if it is still the one read (same
+/// digest, same revision), under a new digest for a rotation (removing the old one), and appends
+/// the digests whose meaning changed to the revocation stream.
+/// KEYS: current record, id, new record, stream. ARGV: current digest, revision read, new json,
+/// new digest, stream length.
+/// Returns 1 if replaced, 0 if the key changed since it was read, -1 if the new digest is taken.
+const REPLACE: &str = r#"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+local current = redis.call('GET', KEYS[1])
+if not current then return 0 end
+local rev = cjson.decode(current)['rev'] or 0
+if tostring(rev) ~= ARGV[2] then return 0 end
+if KEYS[3] ~= KEYS[1] then
+  if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
+  redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[2], ARGV[4])
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'd', ARGV[1])
 end
-redis.call('PUBLISH', ARGV[4], ARGV[2])
+redis.call('SET', KEYS[3], ARGV[3])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'd', ARGV[4])
 return 1
 "#;
 
-fn script(which: &'static str) -> &'static redis::Script {
-    static INSERT_: OnceLock<redis::Script> = OnceLock::new();
-    static PUT_: OnceLock<redis::Script> = OnceLock::new();
-    let cell = if which == INSERT { &INSERT_ } else { &PUT_ };
-    cell.get_or_init(|| redis::Script::new(which))
+fn script(which: usize) -> &'static redis::Script {
+    static SCRIPTS: [OnceLock<redis::Script>; 2] = [const { OnceLock::new() }; 2];
+    SCRIPTS[which].get_or_init(|| redis::Script::new([INSERT, REPLACE][which]))
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
+/// Whether an error means the command may not have reached a live connection, so that a read
+/// can be sent once more.
+fn connection_broke(e: &redis::RedisError) -> bool {
+    e.is_connection_dropped() || e.is_io_error() || e.is_connection_refusal()
+}
+
 impl RedisKeyStore {
-    /// A store on `conn` with its keys under `prefix`.
+    /// A store on `conn` with its keys under `{prefix}`.
     #[must_use]
-    pub fn new(conn: ConnectionManager, prefix: &str) -> Self {
-        Self { conn, prefix: prefix.into(), timeout: Duration::from_millis(200) }
+    pub fn new(conn: RedisConnection, prefix: &str) -> Self {
+        Self { conn, tag: format!("{{{prefix}}}").into(), timeout: Duration::from_millis(200) }
     }
 
     /// How long one operation may wait for Redis (default 200 ms); past it, the operation fails and
@@ -73,18 +100,18 @@ impl RedisKeyStore {
         self
     }
 
-    /// The revocation channel.
+    /// The revocation stream's key.
     #[must_use]
-    pub fn channel(&self) -> String {
-        format!("{}:revoked", self.prefix)
+    pub fn stream(&self) -> String {
+        format!("{}:revoked", self.tag)
     }
 
     fn record_key(&self, digest: &KeyDigest) -> String {
-        format!("{}:key:{digest}", self.prefix)
+        format!("{}:key:{digest}", self.tag)
     }
 
     fn id_key(&self, id: &str) -> String {
-        format!("{}:id:{id}", self.prefix)
+        format!("{}:id:{id}", self.tag)
     }
 
     async fn timed<T>(&self, op: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, StoreError> {
@@ -98,23 +125,21 @@ impl RedisKeyStore {
         StoreError::Backend(format!("Redis did not answer in {:?}", self.timeout))
     }
 
-    async fn load(&self, digest: &KeyDigest) -> Result<Option<StoredKey>, StoreError> {
-        let record = self.record_key(digest);
+    /// A GET, sent once more if the connection broke under the first (a read is safe to repeat).
+    async fn read(&self, key: &str) -> redis::RedisResult<Option<String>> {
         let get = || {
             let mut conn = self.conn.clone();
-            let record = record.clone();
-            async move { redis::cmd("GET").arg(record).query_async::<Option<String>>(&mut conn).await }
+            async move { redis::cmd("GET").arg(key).query_async::<Option<String>>(&mut conn).await }
         };
+        match get().await {
+            Err(e) if connection_broke(&e) => get().await,
+            other => other,
+        }
+    }
+
+    async fn load(&self, digest: &KeyDigest) -> Result<Option<StoredKey>, StoreError> {
         let started = std::time::Instant::now();
-        let answer = tokio::time::timeout(self.timeout, async {
-            match get().await {
-                // A dead connection (Redis restarted) fails the first command on it, and the
-                // manager reconnects: a read is safe to send once more, on the new connection.
-                Err(e) if e.is_connection_dropped() || e.is_io_error() || e.is_connection_refusal() => get().await,
-                other => other,
-            }
-        })
-        .await;
+        let answer = tokio::time::timeout(self.timeout, self.read(&self.record_key(digest))).await;
         let outcome = match &answer {
             Ok(Ok(_)) => "ok",
             Ok(Err(_)) => "error",
@@ -123,40 +148,6 @@ impl RedisKeyStore {
         crate::observe::redis_store(outcome, started.elapsed());
         let json = answer.map_err(|_| self.timed_out())?.map_err(backend)?;
         json.map(|j| serde_json::from_str(&j).map_err(backend)).transpose()
-    }
-
-    /// Subscribes to revocations, calling `on_revoke` with each revoked digest, from a background
-    /// task that resubscribes by itself after a disconnection (revocations published meanwhile are
-    /// missed: the cache's positive TTL bounds how long such a key keeps working).
-    pub fn listen(&self, client: redis::Client, on_revoke: impl Fn(&KeyDigest) + Send + Sync + 'static) {
-        let channel = self.channel();
-        tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(50);
-            loop {
-                match client.get_async_pubsub().await {
-                    Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
-                        Ok(()) => {
-                            backoff = Duration::from_millis(50);
-                            let mut messages = pubsub.on_message();
-                            while let Some(message) = messages.next().await {
-                                match message.get_payload::<String>().map(|p| p.parse::<KeyDigest>()) {
-                                    Ok(Ok(digest)) => {
-                                        crate::observe::revocation_received();
-                                        on_revoke(&digest);
-                                    }
-                                    _ => tracing::warn!("keygate: unreadable revocation message ignored"),
-                                }
-                            }
-                            tracing::warn!("keygate: revocation subscription lost; resubscribing");
-                        }
-                        Err(error) => tracing::warn!(%error, "keygate: could not subscribe to revocations"),
-                    },
-                    Err(error) => tracing::warn!(%error, "keygate: could not connect for revocations"),
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = backoff.saturating_mul(2).min(Duration::from_secs(5));
-            }
-        });
     }
 }
 
@@ -169,23 +160,34 @@ impl KeyStore for RedisKeyStore {
     fn find(&self, id: &str) -> BoxFuture<'static, Result<Option<(KeyDigest, StoredKey)>, StoreError>> {
         let (this, id_key) = (self.clone(), self.id_key(id));
         Box::pin(async move {
-            let mut conn = this.conn.clone();
-            let digest: Option<String> = this.timed(redis::cmd("GET").arg(id_key).query_async(&mut conn)).await?;
-            let Some(digest) = digest.map(|d| d.parse::<KeyDigest>().map_err(backend)).transpose()? else {
-                return Ok(None);
-            };
-            Ok(this.load(&digest).await?.map(|k| (digest, k)))
+            // Two reads, not one script: a script may only touch keys it declares, and the record's
+            // key is known only after the first read. A rotation between the reads removes the
+            // record the id pointed at; the id then points elsewhere, so read again.
+            let mut pointed = None;
+            for _ in 0..8 {
+                let digest = this.timed(this.read(&id_key)).await?;
+                let Some(digest) = digest.map(|d| d.parse::<KeyDigest>().map_err(backend)).transpose()? else {
+                    return Ok(None);
+                };
+                if let Some(found) = this.load(&digest).await? {
+                    return Ok(Some((digest, found)));
+                }
+                if pointed == Some(digest) {
+                    return Ok(None); // the id points at a missing record, twice
+                }
+                pointed = Some(digest);
+            }
+            Err(StoreError::Backend("the key kept changing while it was read".into()))
         })
     }
 
     fn insert(&self, digest: KeyDigest, key: StoredKey) -> BoxFuture<'static, Result<(), StoreError>> {
         let this = self.clone();
         Box::pin(async move {
-            let json = serde_json::to_string(&key).map_err(backend)?;
-            let mut invocation = script(INSERT).prepare_invoke();
+            let json = serde_json::to_string(&StoredKey { revision: 0, ..key.clone() }).map_err(backend)?;
+            let mut invocation = script(0).prepare_invoke();
             invocation.key(this.record_key(&digest)).key(this.id_key(&key.facts.id)).arg(json).arg(digest.to_string());
-            let mut conn = this.conn.clone();
-            let inserted: i64 = this.timed(invocation.invoke_async(&mut conn)).await?;
+            let inserted: i64 = this.timed(this.conn.write(&invocation)).await?;
             if inserted == 1 {
                 Ok(())
             } else {
@@ -194,27 +196,35 @@ impl KeyStore for RedisKeyStore {
         })
     }
 
-    fn put(&self, digest: KeyDigest, key: StoredKey) -> BoxFuture<'static, Result<(), StoreError>> {
-        let this = self.clone();
+    fn replace(
+        &self,
+        current: KeyDigest,
+        was: &StoredKey,
+        digest: KeyDigest,
+        next: StoredKey,
+    ) -> BoxFuture<'static, Result<bool, StoreError>> {
+        let (this, id, revision) = (self.clone(), was.facts.id.clone(), was.revision);
         Box::pin(async move {
-            let json = serde_json::to_string(&key).map_err(backend)?;
-            let mut invocation = script(PUT).prepare_invoke();
+            let json = serde_json::to_string(&StoredKey { revision: revision + 1, ..next }).map_err(backend)?;
+            let mut invocation = script(1).prepare_invoke();
             invocation
+                .key(this.record_key(&current))
+                .key(this.id_key(&id))
                 .key(this.record_key(&digest))
-                .key(this.id_key(&key.facts.id))
+                .key(this.stream())
+                .arg(current.to_string())
+                .arg(revision)
                 .arg(json)
                 .arg(digest.to_string())
-                .arg(format!("{}:key:", this.prefix))
-                .arg(this.channel());
-            let mut conn = this.conn.clone();
-            let _: i64 = this.timed(invocation.invoke_async(&mut conn)).await?;
-            Ok(())
+                .arg(STREAM_LEN);
+            let replaced: i64 = this.timed(this.conn.write(&invocation)).await?;
+            Ok(replaced == 1)
         })
     }
 }
 
 impl std::fmt::Debug for RedisKeyStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisKeyStore").field("prefix", &self.prefix).finish_non_exhaustive()
+        f.debug_struct("RedisKeyStore").field("tag", &self.tag).finish_non_exhaustive()
     }
 }

@@ -101,7 +101,7 @@ impl LocalVerifier {
     /// # Errors
     /// [`StoreError::NotFound`] for an unknown id; [`StoreError::Backend`] when the store fails.
     pub async fn disable(&self, id: &str) -> Result<(), StoreError> {
-        self.update(id, |k| k.enabled = false).await
+        self.update(id, None, |k| k.enabled = false).await
     }
 
     /// Enables a disabled key.
@@ -109,7 +109,7 @@ impl LocalVerifier {
     /// # Errors
     /// [`StoreError::NotFound`] for an unknown id; [`StoreError::Backend`] when the store fails.
     pub async fn enable(&self, id: &str) -> Result<(), StoreError> {
-        self.update(id, |k| k.enabled = true).await
+        self.update(id, None, |k| k.enabled = true).await
     }
 
     /// Deletes a key for good: it is refused (`DELETED`).
@@ -117,7 +117,7 @@ impl LocalVerifier {
     /// # Errors
     /// [`StoreError::NotFound`] for an unknown id; [`StoreError::Backend`] when the store fails.
     pub async fn delete(&self, id: &str) -> Result<(), StoreError> {
-        self.update(id, |k| k.deleted = true).await
+        self.update(id, None, |k| k.deleted = true).await
     }
 
     /// Replaces a key's secret, keeping its id and facts; the old secret stops working at once.
@@ -126,16 +126,30 @@ impl LocalVerifier {
     /// [`StoreError::NotFound`] for an unknown id; [`StoreError::Backend`] when the store fails or the
     /// OS random source does.
     pub async fn rotate(&self, id: &str) -> Result<ApiKey, StoreError> {
-        let (_, stored) = self.store.find(id).await?.ok_or_else(|| StoreError::NotFound(id.into()))?;
         let key = self.generate()?;
-        self.store.put(key.digest(), stored).await?;
+        self.update(id, Some(key.digest()), |_| ()).await?;
         Ok(key)
     }
 
-    async fn update(&self, id: &str, change: impl FnOnce(&mut StoredKey)) -> Result<(), StoreError> {
-        let (digest, mut stored) = self.store.find(id).await?.ok_or_else(|| StoreError::NotFound(id.into()))?;
-        change(&mut stored);
-        self.store.put(digest, stored).await
+    /// Reads the key, changes it, and writes it back only if nobody changed it meanwhile;
+    /// otherwise reads it again. Each lost race means another admin's update landed, so a bounded
+    /// number of retries is only exhausted by a storm of updates to one key.
+    async fn update(
+        &self,
+        id: &str,
+        new_digest: Option<crate::key::KeyDigest>,
+        change: impl Fn(&mut StoredKey),
+    ) -> Result<(), StoreError> {
+        const ATTEMPTS: usize = 64;
+        for _ in 0..ATTEMPTS {
+            let (digest, was) = self.store.find(id).await?.ok_or_else(|| StoreError::NotFound(id.into()))?;
+            let mut next = was.clone();
+            change(&mut next);
+            if self.store.replace(digest, &was, new_digest.unwrap_or(digest), next).await? {
+                return Ok(());
+            }
+        }
+        Err(StoreError::Backend(format!("key {id:?} changed under {ATTEMPTS} updates in a row; not updated")))
     }
 
     fn generate(&self) -> Result<ApiKey, StoreError> {

@@ -5,6 +5,10 @@
 pub(crate) mod oneloop;
 #[cfg(feature = "redis")]
 pub(crate) mod own_redis;
+#[cfg(feature = "redis")]
+pub(crate) mod proxy;
+#[cfg(feature = "redis")]
+pub(crate) mod topology;
 #[cfg(feature = "oneloop")]
 pub(crate) mod usage_server;
 

@@ -17,11 +17,20 @@ pub(crate) fn free_port() -> u16 {
 impl OwnRedis {
     /// Starts one on `port` and waits until it answers.
     pub(crate) fn start(port: u16) -> Self {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed");
+        Self::start_with(port, &[])
+    }
+
+    /// Starts one on `port` with more arguments (`--maxmemory-policy`, `--cluster-enabled`, …).
+    pub(crate) fn start_with(port: u16, extra: &[&str]) -> Self {
+        let port_arg = port.to_string();
+        let mut args = vec!["--port", &port_arg, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
+        args.extend_from_slice(extra);
+        Self::spawn(port, Command::new("redis-server").args(&args))
+    }
+
+    /// Runs `command` (a redis-server of some kind that listens on `port`) and waits until it answers.
+    pub(crate) fn spawn(port: u16, command: &mut Command) -> Self {
+        let child = command.stdout(Stdio::null()).spawn().expect("redis-server is installed");
         for _ in 0..250 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 break;
@@ -29,6 +38,12 @@ impl OwnRedis {
             std::thread::sleep(Duration::from_millis(20));
         }
         Self { port, child: Some(child) }
+    }
+
+    /// Runs a redis-cli command against this server and returns what it printed.
+    pub(crate) fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     pub(crate) fn url(&self) -> String {
