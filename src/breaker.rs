@@ -73,6 +73,7 @@ impl Breaker {
             State::Open { .. } => {
                 *state = State::Probing;
                 crate::observe::breaker("half_open");
+                tracing::info!("keygate: verifier cool-down over; circuit half-open, one request probes it");
                 true
             }
             State::Probing => return Err(Duration::from_secs(1)),
@@ -110,6 +111,7 @@ impl Permit<'_> {
         let open = State::Open { until: Instant::now() + b.config.cool_down };
         *state = match *state {
             _ if self.probe => {
+                tracing::info!(cool_down = ?b.config.cool_down, "keygate: the probe failed; circuit open again");
                 crate::observe::breaker("open");
                 open
             }

@@ -57,6 +57,16 @@ async fn an_outage_logs_its_state_changes_not_every_request() {
     assert_eq!(call(&app, "unknown-0").await, StatusCode::UNAUTHORIZED);
     let recovered = logs.lines(" INFO ");
     assert!(recovered.iter().any(|l| l.contains("recovered")), "{recovered:?}");
+    // The breaker's states, each said once, in order: open (WARN), half-open, closed (INFO).
+    let breaker: Vec<String> =
+        logs.lines("circuit").into_iter().map(|l| l.split("keygate: ").last().unwrap().to_owned()).collect();
+    let said = |what: &str| breaker.iter().filter(|l| l.starts_with(what)).count();
+    let (open, half_open, closed) = (
+        "verifier keeps failing; circuit open",
+        "verifier cool-down over; circuit half-open",
+        "verifier answered the probe",
+    );
+    assert_eq!((said(open), said(half_open), said(closed)), (1, 1, 1), "{breaker:#?}");
 }
 
 /// A frozen Redis under the local fallback: requests keep passing, and the logs say so once, not

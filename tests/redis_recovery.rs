@@ -26,11 +26,13 @@ async fn call(app: &Router, key: &str) -> StatusCode {
 }
 
 /// A gate whose rate limit lives in Redis at `url`, failing closed (`503`) when Redis does not
-/// answer within 50 ms.
+/// answer within 250 ms (generous for a loaded 2-core CI machine; a dead Redis still misses it).
 async fn limited(url: &str) -> (Router, String) {
     let verifier = LocalVerifier::in_memory();
     let key = verifier.create(KeyFacts::new("k")).await.unwrap().key.expose_secret().to_owned();
-    let limiter = RedisLimiter::new(RedisConnection::open(url).unwrap(), "kgrecover");
+    let conn = RedisConnection::open(url).unwrap();
+    conn.check().await.unwrap(); // connected before the first request, as at an application's start
+    let limiter = RedisLimiter::new(conn, "kgrecover").timeout(Duration::from_millis(250));
     let layer = ApiKeyLayer::builder(verifier)
         .limiter(limiter)
         .rate_limit(RateLimit::per_minute("default", 1_000_000).unwrap())
@@ -213,4 +215,39 @@ async fn a_redis_out_of_memory_is_a_503_with_its_cause_logged() {
     assert_eq!(call(&app, &key).await, StatusCode::SERVICE_UNAVAILABLE);
     let said = logs.lines("OOM");
     assert!(!said.is_empty(), "the cause is logged: {:?}", logs.lines(" WARN "));
+}
+
+/// The 50th and 99th percentiles of `samples`.
+fn percentiles(mut samples: Vec<Duration>) -> (Duration, Duration) {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.99))
+}
+
+/// Revocation latency, healthy and after the listener's connection is killed: 100 keys, each
+/// cached on a serving instance, disabled through an admin instance, timed until refused.
+#[cfg_attr(not(keygate_redis_server), ignore = "needs redis-server on PATH")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_latency_percentiles_healthy_and_after_a_kill() {
+    let own = OwnRedis::start(free_port());
+    let app = serving(&own.url(), "kglatency").await;
+    let admin = LocalVerifier::new(RedisKeyStore::new(RedisConnection::open(&own.url()).unwrap(), "kglatency"));
+    for kill in [false, true] {
+        let mut samples = Vec::new();
+        for i in 0..if kill { 20 } else { 100 } {
+            let id = format!("k{kill}{i}");
+            let key = admin.create(KeyFacts::new(id.as_str())).await.unwrap().key.expose_secret().to_owned();
+            assert_eq!(call(&app, &key).await, StatusCode::OK);
+            if kill {
+                own.cli(&["CLIENT", "KILL", "TYPE", "normal"]);
+            }
+            let started = Instant::now();
+            admin.disable(&id).await.unwrap();
+            until_refused(&app, &key, Duration::from_secs(1)).await;
+            samples.push(started.elapsed());
+        }
+        let (p50, p99) = percentiles(samples);
+        println!("revocation latency ({}): p50 {p50:?}, p99 {p99:?}", if kill { "after a kill" } else { "healthy" });
+        assert!(p99 < if kill { Duration::from_secs(1) } else { Duration::from_millis(100) }, "{p99:?}");
+    }
 }

@@ -172,6 +172,7 @@ mod sentinel {
         let conn = RedisConnection::sentinel(topology.sentinel_urls(), SERVICE)
             .unwrap()
             .wait_for_replicas(1, Duration::from_millis(50));
+        conn.check().await.unwrap(); // connected before the first request, as at an application's start
         let limiter = RedisLimiter::new(conn, "kgsentinel").timeout(Duration::from_millis(250));
         let layer = ApiKeyLayer::builder(verifier)
             .limiter(limiter)
