@@ -195,8 +195,8 @@ impl RedisConnection {
         Self { link: Arc::new(Link::new(self.link.opener().clone(), settings)) }
     }
 
-    /// Connects now if not connected (constructors do not), and asks the server for its
-    /// `maxmemory-policy`, which [`RedisKeyStore`](crate::store::RedisKeyStore) checks.
+    /// Connects now if not connected (constructors do not) and sends a `PING`: call it at
+    /// start-up to fail there rather than on the first request.
     ///
     /// # Errors
     /// When Redis cannot be reached or refuses.
@@ -216,8 +216,8 @@ impl RedisConnection {
         self.link.reset();
     }
 
-    /// Whether this is a Cluster connection (the key store's layout is the same either way; the
-    /// eviction check asks each node).
+    /// The topology's name (`node`, `cluster`, `sentinel`), for `Debug` and for what differs by
+    /// topology (a Cluster connection sends no `WAIT`).
     pub(crate) fn topology(&self) -> &'static str {
         self.link.opener().topology()
     }
