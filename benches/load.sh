@@ -10,7 +10,7 @@ command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; e
 DURATION=${DURATION:-10s}
 CONNS=${CONNS:-64}
 PORT=${PORT:-3900}
-VARIANTS=${VARIANTS:-"bare static_bearer hand_hashmap keygate_local keygate_local_limit_headers keygate_oneloop_warm keygate_oneloop_warm_limit_headers"}
+VARIANTS=${VARIANTS:-"bare static_bearer tower_governor hand_service hand_hashmap keygate_local keygate_local_limit_headers keygate_oneloop_warm keygate_oneloop_warm_limit_headers"}
 
 cargo build --quiet --release --features oneloop --example bench_server
 server=target/release/examples/bench_server

@@ -141,10 +141,18 @@ pub struct Fingerprint(u128);
 impl Fingerprint {
     /// The fingerprint of a raw key.
     pub fn of(key: &str) -> Self {
-        use std::hash::BuildHasher;
-        static KEYS: std::sync::OnceLock<[std::collections::hash_map::RandomState; 2]> = std::sync::OnceLock::new();
-        let [a, b] = KEYS.get_or_init(|| [Default::default(), Default::default()]);
-        Self(u128::from(a.hash_one(key)) << 64 | u128::from(b.hash_one(key)))
+        use siphasher::sip128::Hasher128;
+        use std::hash::{BuildHasher, Hasher};
+        // One keyed 128-bit SipHash-1-3 pass (two 64-bit passes cost twice as much); its key is
+        // drawn from the OS once per process, by way of std's `RandomState`.
+        static KEY: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+        let &(k0, k1) = KEY.get_or_init(|| {
+            let state = std::collections::hash_map::RandomState::new();
+            (state.hash_one(0_u8), state.hash_one(1_u8))
+        });
+        let mut hasher = siphasher::sip128::SipHasher13::new_with_keys(k0, k1);
+        hasher.write(key.as_bytes());
+        Self(hasher.finish128().as_u128())
     }
 }
 

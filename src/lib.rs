@@ -18,6 +18,7 @@ pub mod connection;
 mod context;
 mod extract;
 mod facts;
+mod fnv;
 mod future;
 mod gate;
 mod key;

@@ -7,14 +7,20 @@ use axum::middleware::{from_fn_with_state, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures_util::future::{ready, Either, Ready};
+use http::header::{HeaderValue, AUTHORIZATION};
 use http::StatusCode;
 use keygate::limit::{HeaderStyle, RateLimit};
 use keygate::oneloop::OneloopVerifier;
+use keygate::Action;
 use keygate::{ApiKey, ApiKeyLayer, KeyFacts, LocalVerifier, RouteTable, Scope};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use tower_governor::governor::GovernorConfigBuilder;
+use tower_governor::key_extractor::KeyExtractor;
+use tower_governor::{GovernorError, GovernorLayer};
 use tower_http::validate_request::ValidateRequestHeaderLayer;
 
 pub(crate) const KEYS: usize = 1_000;
@@ -81,6 +87,70 @@ pub(crate) fn hand_map() -> HashMap<String, Arc<HandContext>> {
     (0..KEYS).map(|i| (key(i), Arc::new(hand_context(i)))).collect()
 }
 
+/// The tightest hand-written gate, the floor keygate is measured against: a tower `Service` that
+/// parses `Bearer`, looks the key up in an `Arc<HashMap>`, checks the route's scope and inserts the
+/// context as an extension. No `from_fn` adapter, no boxing: what a careful user writes by hand.
+#[derive(Clone)]
+pub(crate) struct HandService<S> {
+    keys: Arc<HashMap<String, Arc<HandContext>>>,
+    inner: S,
+}
+
+/// Layers [`HandService`] over a router.
+#[derive(Clone)]
+pub(crate) struct HandLayer(pub Arc<HashMap<String, Arc<HandContext>>>);
+
+impl<S> tower::Layer<S> for HandLayer {
+    type Service = HandService<S>;
+    fn layer(&self, inner: S) -> HandService<S> {
+        HandService { keys: self.0.clone(), inner }
+    }
+}
+
+impl<S, B> tower::Service<http::Request<B>> for HandService<S>
+where
+    S: tower::Service<http::Request<B>, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = Either<S::Future, Ready<Result<Response, S::Error>>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let key =
+            req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let status = match key.and_then(|k| self.keys.get(k)) {
+            Some(ctx) if ctx.scopes.iter().any(|s| s.allows("items", Action::Read)) => {
+                req.extensions_mut().insert(ctx.clone());
+                return Either::Left(self.inner.call(req));
+            }
+            Some(_) => StatusCode::FORBIDDEN,
+            None => StatusCode::UNAUTHORIZED,
+        };
+        Either::Right(ready(Ok(status.into_response())))
+    }
+}
+
+/// tower_governor keyed by the `Authorization` header: a rate limit per key, no verification.
+#[derive(Clone)]
+pub(crate) struct ByHeader;
+
+impl KeyExtractor for ByHeader {
+    type Key = HeaderValue;
+    fn extract<T>(&self, req: &http::Request<T>) -> Result<HeaderValue, GovernorError> {
+        req.headers().get(AUTHORIZATION).cloned().ok_or(GovernorError::UnableToExtractKey)
+    }
+}
+
+fn governed(router: Router) -> Router {
+    // Generous, like the keygate limit variants: every request is admitted, the limiter still decides.
+    let mut config = GovernorConfigBuilder::default().per_nanosecond(1).burst_size(u32::MAX).key_extractor(ByHeader);
+    router.layer(GovernorLayer::new(Arc::new(config.finish().unwrap())))
+}
+
 async fn hand_middleware(
     State(keys): State<Arc<HashMap<String, Arc<HandContext>>>>,
     mut req: Request,
@@ -138,6 +208,8 @@ pub(crate) async fn variants(oneloop_addr: SocketAddr) -> Vec<(&'static str, Rou
         #[allow(deprecated)]
         ("static_bearer", router().layer(ValidateRequestHeaderLayer::bearer(&key(0)))),
         ("hand_hashmap", router().layer(from_fn_with_state(Arc::new(hand_map()), hand_middleware))),
+        ("hand_service", router().layer(HandLayer(Arc::new(hand_map())))),
+        ("tower_governor", governed(router())),
         ("keygate_local", router().layer(gate(ApiKeyLayer::builder(local.clone())))),
         ("keygate_local_limit", router().layer(gate(off(limited(ApiKeyLayer::builder(local.clone())))))),
         ("keygate_local_limit_headers", router().layer(gate(limited(ApiKeyLayer::builder(local))))),

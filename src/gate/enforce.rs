@@ -45,6 +45,12 @@ impl Enforce {
         counted: CountedUpstream,
     ) -> Admission {
         let facts = key.facts().clone();
+        // Nothing to count or charge (the common case without limits): no limiter, no headers.
+        let limited = !self.limits.is_empty() || self.metadata_limit.is_some() || facts.rate_limit.is_some();
+        if !limited && entry.policy.limits.is_empty() && entry.policy.usage.is_none() && counted.is_none() {
+            key.set_usage(UsageHandle::new(self.metering.clone(), facts, raw));
+            return Admission::Pass((Some(key), None));
+        }
         let usage = entry.policy.usage.clone().filter(|_| counted.is_none());
         let upstream = counted.flatten().zip(entry.policy.limits.first()).map(|(state, limit)| LimitState {
             limit: limit.clone(),

@@ -7,7 +7,13 @@
 use super::retry_after_secs;
 use super::LimitState;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
-use std::io::Write;
+
+// Constants, so the names are checked at compile time rather than on every response.
+const POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const CURRENT: HeaderName = HeaderName::from_static("ratelimit");
+const LEGACY_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+const LEGACY_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+const LEGACY_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
 #[doc = include_str!("../../docs/header_style.md")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -27,11 +33,12 @@ pub(crate) fn most_restrictive(states: &[LimitState]) -> Option<&LimitState> {
     states.iter().min_by(|a, b| a.remaining.cmp(&b.remaining).then(b.reset.cmp(&a.reset)))
 }
 
-/// The header values of one response, made on the request path and set on the response.
+/// The header values of one response, made on the request path and set on the response. Small
+/// (the legacy trio, asked for rarely, is boxed): it travels inside every verdict.
 pub(crate) struct RateLimitHeaders {
     policy: HeaderValue,
     current: HeaderValue,
-    legacy: Option<[HeaderValue; 3]>,
+    legacy: Option<Box<[HeaderValue; 3]>>,
 }
 
 impl RateLimitHeaders {
@@ -46,25 +53,100 @@ impl RateLimitHeaders {
                 HeaderValue::from_bytes(&joined.join(&b", "[..])).ok()?
             }
         };
-        // Names are token characters and numbers are digits: at most 64 + 45 bytes, on the stack.
-        let mut buf = [0u8; 128];
-        let mut w = &mut buf[..];
-        write!(w, "\"{}\";r={};t={reset}", top.limit.name(), top.remaining).ok()?;
-        let len = 128 - w.len();
-        let current = HeaderValue::from_bytes(&buf[..len]).ok()?;
+        // `"name";r=remaining;t=reset` on the stack (names are at most 64 token characters, numbers
+        // at most 20 digits each), built by hand: `write!` costs several times more.
+        let mut buf = Stack::default();
+        buf.push(b"\"");
+        buf.push(top.limit.name().as_bytes());
+        buf.push(b"\";r=");
+        buf.push_decimal(top.remaining);
+        buf.push(b";t=");
+        buf.push_decimal(reset);
+        let current = HeaderValue::from_bytes(buf.bytes()?).ok()?;
         let legacy = (style == HeaderStyle::IetfAndLegacy)
-            .then(|| [top.limit.limit().into(), top.remaining.into(), HeaderValue::from(reset)]);
+            .then(|| Box::new([top.limit.limit().into(), top.remaining.into(), HeaderValue::from(reset)]));
         Some(Self { policy, current, legacy })
     }
 
     #[inline]
     pub(crate) fn insert_into(self, headers: &mut HeaderMap) {
-        headers.insert(HeaderName::from_static("ratelimit-policy"), self.policy);
-        headers.insert(HeaderName::from_static("ratelimit"), self.current);
-        if let Some([limit, remaining, reset]) = self.legacy {
-            headers.insert(HeaderName::from_static("x-ratelimit-limit"), limit);
-            headers.insert(HeaderName::from_static("x-ratelimit-remaining"), remaining);
-            headers.insert(HeaderName::from_static("x-ratelimit-reset"), reset);
+        headers.insert(POLICY, self.policy);
+        headers.insert(CURRENT, self.current);
+        if let Some(legacy) = self.legacy {
+            let [limit, remaining, reset] = *legacy;
+            headers.insert(LEGACY_LIMIT, limit);
+            headers.insert(LEGACY_REMAINING, remaining);
+            headers.insert(LEGACY_RESET, reset);
         }
+    }
+}
+
+/// A header value being built on the stack; `None` from [`bytes`](Self::bytes) if it overflowed.
+struct Stack {
+    buf: [u8; 128],
+    len: usize,
+    overflowed: bool,
+}
+
+impl Default for Stack {
+    fn default() -> Self {
+        Self { buf: [0; 128], len: 0, overflowed: false }
+    }
+}
+
+impl Stack {
+    fn push(&mut self, bytes: &[u8]) {
+        match self.buf.get_mut(self.len..self.len + bytes.len()) {
+            Some(room) => {
+                room.copy_from_slice(bytes);
+                self.len += bytes.len();
+            }
+            None => self.overflowed = true,
+        }
+    }
+
+    fn push_decimal(&mut self, mut n: u64) {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.push(&digits[i..]);
+    }
+
+    fn bytes(&self) -> Option<&[u8]> {
+        (!self.overflowed).then(|| &self.buf[..self.len])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limit::RateLimit;
+    use std::time::Duration;
+
+    fn current(name: &str, remaining: u64, reset: Duration, window: Duration) -> Option<String> {
+        let limit = RateLimit::new(name, RateLimit::MAX_LIMIT, window).unwrap();
+        let headers = RateLimitHeaders::new(HeaderStyle::Ietf, &[LimitState { limit, remaining, reset }])?;
+        Some(headers.current.to_str().unwrap().to_owned())
+    }
+
+    #[test]
+    fn the_current_value_at_zero_the_maximum_and_the_longest_name() {
+        let hour = Duration::from_secs(3600);
+        assert_eq!(current("a", 0, Duration::ZERO, hour).as_deref(), Some("\"a\";r=0;t=1"));
+        let max = RateLimit::MAX_LIMIT;
+        let long = "n".repeat(64);
+        let expected = format!("\"{long}\";r={max};t=3600");
+        assert_eq!(current(&long, max, hour, hour), Some(expected));
+        // The widest numbers fit too: an upstream's `remaining` of u64::MAX, the longest window.
+        let (year, secs) = (RateLimit::MAX_WINDOW, RateLimit::MAX_WINDOW.as_secs());
+        let expected = format!("\"{long}\";r={};t={secs}", u64::MAX);
+        assert_eq!(current(&long, u64::MAX, year, year), Some(expected));
     }
 }

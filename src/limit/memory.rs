@@ -4,10 +4,10 @@ use super::ledger::Ledger;
 use super::window::{self, Check, Window};
 use super::{Denied, LimitRequest, LimitState, LimitVerdict, Limiter, RateLimit, Refusal};
 use crate::boxed::BoxFuture;
+use crate::fnv::FnvState;
 use crate::lock::lock;
-use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -24,7 +24,8 @@ pub struct MemoryLimiter {
 
 #[derive(Default)]
 struct Shard {
-    keys: HashMap<Box<str>, Vec<Slot>>,
+    /// By key id: only verified keys reach the limiter, so their ids are trusted (see `fnv`).
+    keys: HashMap<Box<str>, Vec<Slot>, FnvState>,
     /// Keys added since the last sweep, and how many were left by it.
     added: usize,
     after_sweep: usize,
@@ -74,9 +75,8 @@ impl MemoryLimiter {
     }
 
     fn shard(&self, key_id: &str) -> &Mutex<Shard> {
-        let mut h = DefaultHasher::new();
-        key_id.hash(&mut h);
-        &self.shards[h.finish() as usize % SHARDS]
+        // The top bits: the maps inside a shard use the low ones.
+        &self.shards[(FnvState::default().hash_one(key_id) >> 60) as usize % SHARDS]
     }
 
     fn decide(&self, key_id: &str, request: &LimitRequest<'_>) -> LimitVerdict {
@@ -91,9 +91,11 @@ impl MemoryLimiter {
             return self.take_usage(key_id, request).map(|()| Vec::new());
         }
         let now = self.now();
-        let mut shard = lock(self.shard(key_id));
-        let empty = Vec::new();
-        let slots = shard.keys.get(key_id).unwrap_or(&empty);
+        let mut guard = lock(self.shard(key_id));
+        let shard = &mut *guard;
+        // One lookup for a known key; only a new key allocates its id.
+        let known = shard.keys.get_mut(key_id);
+        let slots: &[Slot] = known.as_deref().map_or(&[], |s| s.as_slice());
         // First decide every limit, then consume: all or nothing.
         let mut states = Vec::with_capacity(limits.len());
         for (limit, cost) in limits {
@@ -109,8 +111,7 @@ impl MemoryLimiter {
         }
         // Usage last: under the shard lock, so a refusal here leaves every window as it was.
         self.take_usage(key_id, request)?;
-        // One lookup for a known key; only a new key allocates its id.
-        let is_new = match shard.keys.get_mut(key_id) {
+        let is_new = match known {
             Some(slots) => {
                 consume(slots, limits, now);
                 false

@@ -2,6 +2,7 @@
 
 use super::path::{canonical, check};
 use crate::build_error::BuildError;
+use crate::fnv::FnvState;
 use crate::limit::RateLimit;
 use crate::reject::Rejection;
 use crate::scope::{Action, RequiredScope};
@@ -121,7 +122,9 @@ pub enum Unmapped {
 #[derive(Clone)]
 pub struct RouteTable {
     matcher: matchit::Router<usize>,
-    by_template: HashMap<Box<str>, usize>,
+    /// By the template axum matched: trusted strings (the application's own), so hashed with
+    /// FNV-1a rather than a DoS-resistant hash.
+    by_template: HashMap<Box<str>, usize, FnvState>,
     routes: Vec<Arc<RouteEntry>>,
     unmapped_entry: Arc<RouteEntry>,
     unmapped: Unmapped,
@@ -135,7 +138,7 @@ impl RouteTable {
     pub fn new() -> Self {
         Self {
             matcher: matchit::Router::new(),
-            by_template: HashMap::new(),
+            by_template: HashMap::default(),
             routes: Vec::new(),
             unmapped_entry: Arc::new(RouteEntry::without_template()),
             unmapped: Unmapped::default(),
