@@ -60,13 +60,19 @@ fn measure(what: &str, n: usize) {
             assert_eq!(cache.entry_count(), n as u64);
             Box::new(cache)
         }
-        "keygate_store" => {
+        "keygate_store" | "keygate_store_used" => {
             let verifier = keygate::LocalVerifier::in_memory();
             rt.block_on(async {
                 for (i, k) in keys.iter().enumerate() {
                     verifier.add(&ApiKey::new(k.as_str()), support::facts(i)).await.unwrap();
                 }
             });
+            // Once each key has been presented, the store also holds its fingerprint index.
+            if what == "keygate_store_used" {
+                for k in &keys {
+                    assert!(verifier.verify_now(&keygate::PresentedKey::new(k)).is_some());
+                }
+            }
             Box::new(verifier)
         }
         "keygate_limiter" => {
@@ -94,8 +100,8 @@ fn main() {
         measure(&args[pos + 1], args[pos + 2].parse().unwrap());
         return;
     }
-    println!("{:<18} {:>14} {:>14}", "bytes per key", "10 000 keys", "1 000 000 keys");
-    for what in ["hand_hashmap", "keygate_cache", "keygate_store", "keygate_limiter"] {
+    println!("{:<20} {:>14} {:>14}", "bytes per key", "10 000 keys", "1 000 000 keys");
+    for what in ["hand_hashmap", "keygate_cache", "keygate_store", "keygate_store_used", "keygate_limiter"] {
         let per_key: Vec<String> = [10_000, 1_000_000]
             .iter()
             .map(|n| {
@@ -108,6 +114,6 @@ fn main() {
                 format!("{bytes:.0}")
             })
             .collect();
-        println!("{:<18} {:>14} {:>14}", what, per_key[0], per_key[1]);
+        println!("{:<20} {:>14} {:>14}", what, per_key[0], per_key[1]);
     }
 }

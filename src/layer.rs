@@ -287,7 +287,7 @@ impl ApiKeyLayerBuilder {
                 optional: self.optional,
                 allow_preflight: self.allow_preflight,
             },
-            routes: self.routes,
+            routes: self.routes.with_layer_limits(&self.limits),
             verifier: self.verifier,
             unverifiable: Unverifiable {
                 fail_open,

@@ -49,8 +49,13 @@ pub(crate) fn routes() -> RouteTable {
 }
 
 pub(crate) async fn local_verifier() -> LocalVerifier {
+    local_verifier_with(KEYS).await
+}
+
+/// A local verifier holding keys `0..n`.
+pub(crate) async fn local_verifier_with(n: usize) -> LocalVerifier {
     let verifier = LocalVerifier::in_memory();
-    for i in 0..KEYS {
+    for i in 0..n {
         verifier.add(&ApiKey::new(key(i)), facts(i)).await.unwrap();
     }
     verifier
@@ -84,7 +89,12 @@ pub(crate) fn hand_context(i: usize) -> HandContext {
 }
 
 pub(crate) fn hand_map() -> HashMap<String, Arc<HandContext>> {
-    (0..KEYS).map(|i| (key(i), Arc::new(hand_context(i)))).collect()
+    hand_map_with(KEYS)
+}
+
+/// The hand-written map of keys `0..n`.
+pub(crate) fn hand_map_with(n: usize) -> HashMap<String, Arc<HandContext>> {
+    (0..n).map(|i| (key(i), Arc::new(hand_context(i)))).collect()
 }
 
 /// The tightest hand-written gate, the floor keygate is measured against: a tower `Service` that

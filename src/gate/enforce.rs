@@ -14,6 +14,7 @@ use crate::reject::Rejection;
 use crate::route::RouteEntry;
 use crate::usage::{allowance, Metering, RouteUsage, UsageHandle, UsageOf};
 use crate::verify::ReportedLimit;
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -105,8 +106,14 @@ impl Enforce {
     }
 
     /// The layer's, the route's and the key's limits, each at the route's cost; without the route's
-    /// first limit when the verifier counted it.
-    fn limits_for(&self, facts: &KeyFacts, entry: &RouteEntry, verifier_counted: bool) -> Vec<(RateLimit, u64)> {
+    /// first limit when the verifier counted it. Borrowed from the route entry, where the layer's and
+    /// the route's were combined at build time, unless the key adds one or the verifier counted.
+    fn limits_for<'e>(
+        &self,
+        facts: &KeyFacts,
+        entry: &'e RouteEntry,
+        verifier_counted: bool,
+    ) -> Cow<'e, [(RateLimit, u64)]> {
         let from_metadata = self.metadata_limit.as_deref().and_then(|field| {
             let text = facts.metadata.get(field)?;
             let parsed = RateLimit::parse("key", text);
@@ -115,6 +122,9 @@ impl Enforce {
             }
             parsed.ok()
         });
+        if !verifier_counted && facts.rate_limit.is_none() && from_metadata.is_none() {
+            return Cow::Borrowed(&entry.limits);
+        }
         let cost = entry.policy.cost;
         let mut limits: Vec<(RateLimit, u64)> = Vec::new();
         let route = entry.policy.limits.iter().skip(usize::from(verifier_counted));
@@ -125,7 +135,7 @@ impl Enforce {
                 limits.push((limit.clone(), cost));
             }
         }
-        limits
+        Cow::Owned(limits)
     }
 
     fn record(&self, key: &VerifiedKey, usage: Option<&RouteUsage>) {

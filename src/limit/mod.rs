@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 #[doc = include_str!("../../docs/rate_limit.md")]
-#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "LimitRepr", into = "LimitRepr")]
 pub struct RateLimit {
     name: Arc<str>,
@@ -47,6 +47,22 @@ impl fmt::Display for InvalidLimit {
 }
 
 impl std::error::Error for InvalidLimit {}
+
+// By name, size and window: the policy value is made from those. Clones of one limit (the usual
+// comparison, on every limited request) share their name, so are equal without reading it.
+impl PartialEq for RateLimit {
+    fn eq(&self, other: &Self) -> bool {
+        self.limit == other.limit
+            && self.window == other.window
+            && (Arc::ptr_eq(&self.name, &other.name) || self.name == other.name)
+    }
+}
+
+impl std::hash::Hash for RateLimit {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (&self.name, self.limit, self.window).hash(state);
+    }
+}
 
 impl RateLimit {
     /// The largest limit: 2^53, the largest count every backend (Redis's Lua numbers are doubles)

@@ -48,6 +48,9 @@ impl Requirement {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RouteEntry {
     pub(crate) template: Option<Arc<str>>,
+    /// The layer's limits and this route's, each once, at the route's cost: set when the layer is
+    /// built, so a request whose key has no limit of its own makes no list.
+    pub(crate) limits: Vec<(RateLimit, u64)>,
     /// Its decisions, counted (feature `metrics`).
     pub(crate) decisions: crate::observe::RouteDecisions,
     pub(crate) route: Route,
@@ -57,7 +60,18 @@ pub(crate) struct RouteEntry {
 impl RouteEntry {
     /// The entry of requests no template matched.
     pub(crate) fn without_template() -> Self {
-        Self { template: None, decisions: Default::default(), route: Route::Unmapped, policy: RoutePolicy::new() }
+        let policy = RoutePolicy::new();
+        Self { template: None, limits: Vec::new(), decisions: Default::default(), route: Route::Unmapped, policy }
+    }
+
+    /// Sets [`limits`](Self::limits) from the layer's.
+    fn combine(&mut self, layer: &[RateLimit]) {
+        self.limits.clear();
+        for limit in layer.iter().chain(&self.policy.limits) {
+            if !self.limits.iter().any(|(l, _)| l == limit) {
+                self.limits.push((limit.clone(), self.policy.cost));
+            }
+        }
     }
 }
 
@@ -224,6 +238,7 @@ impl RouteTable {
         self.by_template.insert(template.into(), index);
         self.routes.push(Arc::new(RouteEntry {
             template: Some(template.into()),
+            limits: Vec::new(),
             decisions: Default::default(),
             route,
             policy,
@@ -233,6 +248,14 @@ impl RouteTable {
 
     fn fail(mut self, template: &str, reason: String) -> Self {
         self.error.get_or_insert(BuildError::Route { template: template.into(), reason });
+        self
+    }
+
+    /// Gives every entry, unmapped routes' included, the layer's limits (see [`RouteEntry::limits`]).
+    pub(crate) fn with_layer_limits(mut self, layer: &[RateLimit]) -> Self {
+        for entry in self.routes.iter_mut().chain([&mut self.unmapped_entry]) {
+            Arc::make_mut(entry).combine(layer);
+        }
         self
     }
 
