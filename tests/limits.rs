@@ -321,3 +321,32 @@ async fn a_rate_limited_request_is_not_charged_usage() {
     let body = axum::body::to_bytes(spent.into_body(), 4096).await.unwrap();
     assert!(String::from_utf8_lossy(&body).contains("usage-limited"));
 }
+
+/// The layer's limit is combined with each route's when the layer is built: it holds on mapped
+/// and unmapped routes alike, at each route's cost, counts once where a route repeats it, and two
+/// layers built from one table keep their own limits.
+#[tokio::test]
+async fn a_layer_limit_holds_on_every_route_at_its_cost_once_and_per_layer() {
+    let (verifier, key) = verifier_with_key(KeyFacts::new("k").with_scopes(["x:*".parse().unwrap()])).await;
+    let limit = RateLimit::per_minute("layer", 4).unwrap();
+    let routes = RouteTable::new().route_with("/dear", "x", RoutePolicy::new().cost(2)).route_with(
+        "/same",
+        "x",
+        RoutePolicy::new().rate_limit(limit.clone()),
+    );
+    let app = |limit: RateLimit| {
+        let layer = ApiKeyLayer::builder(verifier.clone()).routes(routes.clone()).rate_limit(limit).build().unwrap();
+        ["/dear", "/same", "/unmapped"].iter().fold(Router::new(), |r, p| r.route(p, get(whoami))).layer(layer)
+    };
+    let (four, one) = (app(limit), app(RateLimit::per_minute("layer", 1).unwrap()));
+    // 2 + 1 + 1 = 4: `/same` lists the layer's limit again and is still charged 1.
+    assert_eq!(call(&four, "GET", "/dear", &key).await.status(), StatusCode::OK);
+    assert_eq!(call(&four, "GET", "/same", &key).await.status(), StatusCode::OK);
+    assert_eq!(call(&four, "GET", "/unmapped", &key).await.status(), StatusCode::OK);
+    for path in ["/unmapped", "/same", "/dear"] {
+        assert_eq!(call(&four, "GET", path, &key).await.status(), StatusCode::TOO_MANY_REQUESTS, "{path}");
+    }
+    // The other layer, from the same table, holds its own limit of 1.
+    assert_eq!(call(&one, "GET", "/unmapped", &key).await.status(), StatusCode::OK);
+    assert_eq!(call(&one, "GET", "/dear", &key).await.status(), StatusCode::TOO_MANY_REQUESTS);
+}

@@ -46,9 +46,10 @@ impl Enforce {
         counted: CountedUpstream,
     ) -> Admission {
         let facts = key.facts().clone();
-        // Nothing to count or charge (the common case without limits): no limiter, no headers.
-        let limited = !self.limits.is_empty() || self.metadata_limit.is_some() || facts.rate_limit.is_some();
-        if !limited && entry.policy.limits.is_empty() && entry.policy.usage.is_none() && counted.is_none() {
+        // Nothing to count or charge (the common case without limits): no limiter, no headers. The
+        // entry's limits already hold the layer's and the route's.
+        let key_limited = self.metadata_limit.is_some() || facts.rate_limit.is_some();
+        if entry.limits.is_empty() && !key_limited && entry.policy.usage.is_none() && counted.is_none() {
             key.set_usage(UsageHandle::new(self.metering.clone(), facts, raw));
             return Admission::Pass((Some(key), None));
         }

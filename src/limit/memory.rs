@@ -75,8 +75,9 @@ impl MemoryLimiter {
     }
 
     fn shard(&self, key_id: &str) -> &Mutex<Shard> {
-        // The top bits: the maps inside a shard use the low ones.
-        &self.shards[(FnvState::default().hash_one(key_id) >> 60) as usize % SHARDS]
+        // Bits 32.., which the map inside the shard does not read (hashbrown takes its bucket from
+        // the low bits and its tag from the top 7), so sharding leaves both spread.
+        &self.shards[(FnvState::default().hash_one(key_id) >> 32) as usize % SHARDS]
     }
 
     fn decide(&self, key_id: &str, request: &LimitRequest<'_>) -> LimitVerdict {
