@@ -1,6 +1,6 @@
 //! The Redis limiter against the in-memory one, in the same run: the same gate with the same
-//! huge limit, one request at a time (latency: a Redis round trip each) and 32 at once
-//! (throughput: the round trips overlap on one multiplexed connection). Needs `REDIS_URL`; uses
+//! huge limit, one request at a time (latency: a Redis round trip each, or none in local-first
+//! mode) and 32 at once (throughput: the 32 go to Redis as one batch). Needs `REDIS_URL`; uses
 //! a prefix of its own and deletes its keys at the end.
 //!
 //! `REDIS_URL=redis://127.0.0.1:6379 cargo bench --all-features --bench redis_limit`
@@ -43,6 +43,10 @@ fn bench(c: &mut Criterion) {
     let variants = [
         ("memory_limiter", gate(Box::new(|b| b.limiter(MemoryLimiter::new())))),
         ("redis_limiter", gate(Box::new(|b| b.limiter(RedisLimiter::new(conn.clone(), &prefix))))),
+        (
+            "redis_limiter_local_first",
+            gate(Box::new(|b| b.limiter(RedisLimiter::new(conn.clone(), &prefix).local_first(100)))),
+        ),
     ];
     let keys = support::keys_for("keygate_local");
     for (name, app) in &variants {

@@ -212,7 +212,7 @@ pub(crate) async fn variants(oneloop_addr: SocketAddr) -> Vec<(&'static str, Rou
     let remote = oneloop(oneloop_addr);
     let gate = |b: keygate::ApiKeyLayerBuilder| b.routes(routes()).build().unwrap();
     let off = |b: keygate::ApiKeyLayerBuilder| b.rate_limit_headers(HeaderStyle::Off);
-    vec![
+    let mut variants = vec![
         ("bare", router()),
         // Deprecated upstream as too basic for real use: exactly why it is the floor here.
         #[allow(deprecated)]
@@ -222,7 +222,7 @@ pub(crate) async fn variants(oneloop_addr: SocketAddr) -> Vec<(&'static str, Rou
         ("tower_governor", governed(router())),
         ("keygate_local", router().layer(gate(ApiKeyLayer::builder(local.clone())))),
         ("keygate_local_limit", router().layer(gate(off(limited(ApiKeyLayer::builder(local.clone())))))),
-        ("keygate_local_limit_headers", router().layer(gate(limited(ApiKeyLayer::builder(local))))),
+        ("keygate_local_limit_headers", router().layer(gate(limited(ApiKeyLayer::builder(local.clone()))))),
         ("keygate_oneloop_warm", router().layer(gate(ApiKeyLayer::builder(remote.clone())))),
         ("keygate_oneloop_warm_limit_headers", router().layer(gate(limited(ApiKeyLayer::builder(remote))))),
         (
@@ -233,7 +233,29 @@ pub(crate) async fn variants(oneloop_addr: SocketAddr) -> Vec<(&'static str, Rou
             "keygate_reject_forged_keyed",
             router().layer(gate(ApiKeyLayer::builder(local_verifier().await).key_format(keyed_format()))),
         ),
-    ]
+    ];
+    #[cfg(feature = "redis")]
+    variants.extend(redis_variants(&local));
+    variants
+}
+
+/// With `REDIS_URL` set: the same limit as `keygate_local_limit`, decided by the Redis limiter.
+/// Counters live under a prefix of this process's own and expire with their one-minute window.
+#[cfg(feature = "redis")]
+fn redis_variants(local: &LocalVerifier) -> Vec<(&'static str, Router)> {
+    let Ok(url) = std::env::var("REDIS_URL") else { return vec![] };
+    let conn = keygate::RedisConnection::open(&url).expect("REDIS_URL opens");
+    let prefix = format!("kgbench:{}", std::process::id());
+    let limit = RateLimit::new("default", RateLimit::MAX_LIMIT, std::time::Duration::from_secs(60)).unwrap();
+    let gate = |limiter: keygate::limit::RedisLimiter| {
+        let builder = ApiKeyLayer::builder(local.clone()).routes(routes()).rate_limit(limit.clone());
+        router().layer(builder.rate_limit_headers(HeaderStyle::Off).limiter(limiter).build().unwrap())
+    };
+    // Generous, as for Oneloop: under valgrind a round trip can take far longer than 50 ms.
+    let limiter =
+        || keygate::limit::RedisLimiter::new(conn.clone(), &prefix).timeout(std::time::Duration::from_secs(5));
+    let (exact, local_first) = (limiter(), limiter().local_first(100));
+    vec![("keygate_redis_limit", gate(exact)), ("keygate_redis_limit_local_first", gate(local_first))]
 }
 
 fn format() -> keygate::KeyFormat {

@@ -1,0 +1,279 @@
+//! Exact decisions, batched: requests that arrive while earlier ones are on their way to Redis
+//! queue, and go together in one `DECIDE` call. Redis then runs one script per batch instead of
+//! one per request (a script call costs Redis more than the few commands a decision makes), and
+//! records what the batch took in one hash instead of one key per request.
+//!
+//! Each request still decides alone and exactly, in the order it queued: the script takes
+//! the entries one after the other, each all or nothing. A request that gives up (its timeout)
+//! before its batch is sent is left out of it; one that gives up after is cancelled by its entry
+//! in the batch's record, exactly as before batching.
+
+use super::scripts::{script, Script};
+use super::{NoAnswer, Shared};
+use crate::limit::{Denied, LimitState, LimitVerdict, RateLimit, Refusal, UsageCharge};
+use crate::lock::lock;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+/// The most requests one script call decides.
+const MAX_BATCH: usize = 128;
+/// How many script calls may be on their way at once. While they are, new requests queue and go
+/// together in the next: the busier Redis is, the larger the batches.
+const IN_FLIGHT: usize = 2;
+
+/// One request's decision: its key, its distinct limits with their costs, its usage.
+pub(super) struct Decision {
+    pub(super) key_id: Box<str>,
+    pub(super) limits: Vec<(RateLimit, u64)>,
+    pub(super) usage: Option<UsageCharge>,
+}
+
+/// Where a queued decision is: what its requester needs to know to take it back.
+enum Ticket {
+    Queued,
+    /// In the batch whose record is `record`, as entry `entry` (from 1).
+    Sent {
+        record: Arc<str>,
+        entry: u32,
+    },
+    /// Its requester gave up before it was sent: it never will be.
+    Abandoned,
+}
+
+/// A decision waiting for its batch.
+pub(super) struct Pending {
+    decision: Arc<Decision>,
+    ticket: Arc<Mutex<Ticket>>,
+    reply: oneshot::Sender<Answer>,
+}
+
+/// Redis's verdict, or why there is none.
+type Answer = Result<LimitVerdict, NoAnswer>;
+
+/// The queue into the batcher task (started with the first decision, and again if the runtime
+/// it ran on is gone).
+pub(super) type Queue = Mutex<Option<mpsc::UnboundedSender<Pending>>>;
+
+impl Shared {
+    /// Redis's exact decision, or why there is none (then the fallback decides). Whatever Redis
+    /// may have counted for a decision given up on is taken back.
+    pub(super) async fn decide_exact(self: &Arc<Self>, decision: Arc<Decision>) -> Result<LimitVerdict, NoAnswer> {
+        let ticket = Arc::new(Mutex::new(Ticket::Queued));
+        let (reply, answer) = oneshot::channel();
+        self.enqueue(Pending { decision: decision.clone(), ticket: ticket.clone(), reply });
+        let no_answer = match tokio::time::timeout(self.timeout, answer).await {
+            Ok(Ok(Ok(verdict))) => return Ok(verdict),
+            Ok(Ok(Err(no_answer))) => no_answer,
+            Ok(Err(_)) | Err(_) => NoAnswer::Timeout(self.timeout),
+        };
+        // The script may run late, or may have run and lost its answer: take it back.
+        let ticket = std::mem::replace(&mut *lock(&ticket), Ticket::Abandoned);
+        if let Ticket::Sent { record, entry } = ticket {
+            tokio::spawn(self.clone().cancel(decision, record, entry));
+        }
+        Err(no_answer)
+    }
+
+    fn enqueue(self: &Arc<Self>, pending: Pending) {
+        let mut queue = lock(&self.queue);
+        let pending = match queue.as_ref() {
+            Some(q) => match q.send(pending) {
+                Ok(()) => return,
+                Err(unsent) => unsent.0,
+            },
+            None => pending,
+        };
+        let (sender, receiver) = mpsc::unbounded_channel();
+        tokio::spawn(batcher(Arc::downgrade(self), receiver));
+        let _ = sender.send(pending);
+        *queue = Some(sender);
+    }
+
+    /// Sends one batch (on a Cluster, one per key id: a script's keys must live on one node) and
+    /// answers each of its requests.
+    async fn send(self: Arc<Self>, batch: Vec<Pending>) {
+        if self.conn.topology() != "cluster" {
+            return self.run(batch).await;
+        }
+        let mut groups: Vec<Vec<Pending>> = Vec::new();
+        for p in batch {
+            match groups.iter_mut().find(|g| g[0].decision.key_id == p.decision.key_id) {
+                Some(group) => group.push(p),
+                None => groups.push(vec![p]),
+            }
+        }
+        let runs: Vec<_> = groups.into_iter().map(|g| tokio::spawn(self.clone().run(g))).collect();
+        for run in runs {
+            let _ = run.await;
+        }
+    }
+
+    async fn run(self: Arc<Self>, batch: Vec<Pending>) {
+        let id = self.batches.fetch_add(1, Ordering::Relaxed);
+        let record: Arc<str> =
+            format!("{}:{{{}}}:op:{:x}.{id:x}", self.prefix, batch[0].decision.key_id, self.instance).into();
+        let mut sent = Vec::with_capacity(batch.len());
+        for p in batch {
+            let mut ticket = lock(&p.ticket);
+            if matches!(*ticket, Ticket::Queued) {
+                *ticket = Ticket::Sent { record: record.clone(), entry: sent.len() as u32 + 1 };
+                drop(ticket);
+                sent.push(p);
+            }
+        }
+        if sent.is_empty() {
+            return;
+        }
+        // What a fallback admitted is added to the shared counters before Redis decides again.
+        let decided = async {
+            self.pay_debts().await?;
+            self.decide_batch(&record, &sent).await
+        };
+        match tokio::time::timeout(self.timeout, decided).await {
+            Ok(Ok(answers)) => {
+                for (p, answer) in sent.into_iter().zip(answers) {
+                    let _ = p.reply.send(answer);
+                }
+            }
+            Ok(Err(error)) => {
+                for p in sent {
+                    let _ = p.reply.send(Err(NoAnswer::failed(&error)));
+                }
+            }
+            // Each request's own timeout (no later than this one) answers it.
+            Err(_) => {}
+        }
+    }
+
+    async fn decide_batch(&self, record: &str, batch: &[Pending]) -> redis::RedisResult<Vec<Answer>> {
+        let mut invocation = script(Script::Decide).prepare_invoke();
+        invocation.key(record).arg(self.ttl_ms());
+        for Pending { decision: d, .. } in batch {
+            for (limit, _) in &d.limits {
+                invocation.key(self.counter(&d.key_id, limit));
+            }
+            invocation.arg(d.limits.len()).arg(u8::from(d.usage.is_some()));
+            for (limit, cost) in &d.limits {
+                invocation.arg(limit.limit()).arg(window_ms(limit)).arg(*cost);
+            }
+            if let Some(u) = d.usage {
+                invocation.key(self.usage_key(&d.key_id));
+                invocation.arg(lua_number(u.allowed)).arg(lua_number(u.reported)).arg(u.amount);
+            }
+        }
+        let reply: String = self.conn.write(&invocation).await?;
+        let mut entries = reply.split(';');
+        let mut answers = Vec::with_capacity(batch.len());
+        let mut numbers = Vec::new();
+        for p in batch {
+            let entry = entries.next().ok_or_else(|| unexpected(&reply))?;
+            numbers.clear();
+            for n in entry.split(',') {
+                numbers.push(n.parse::<i64>().map_err(|_| unexpected(&reply))?);
+            }
+            answers.push(self.verdict(&p.decision, &numbers)?);
+        }
+        if entries.next().is_some() {
+            return Err(unexpected(&reply));
+        }
+        Ok(answers)
+    }
+
+    /// One entry's verdict from its part of the script's reply.
+    fn verdict(&self, d: &Decision, reply: &[i64]) -> redis::RedisResult<Answer> {
+        Ok(Ok(match reply {
+            [1, spent, rest @ ..] if rest.len() == 2 * d.limits.len() => {
+                let states: Vec<LimitState> = d
+                    .limits
+                    .iter()
+                    .zip(rest.chunks_exact(2))
+                    .map(|((limit, _), r)| LimitState {
+                        limit: limit.clone(),
+                        remaining: r[0].max(0) as u64,
+                        reset: ms(r[1]),
+                    })
+                    .collect();
+                self.remember(&d.key_id, &states, u128::try_from(*spent).ok());
+                Ok(states)
+            }
+            [0, 1, i, wait] if (1..=d.limits.len() as i64).contains(i) => {
+                let limit = d.limits[*i as usize - 1].0.clone();
+                Err(Refusal::Rate(Denied { limit, retry_after: ms(*wait) }))
+            }
+            [0, 2, ..] => Err(Refusal::Usage),
+            // Cancelled before it ran: its requester has already given up on it.
+            [0, 3, ..] => return Ok(Err(NoAnswer::Failed("cancelled".into()))),
+            other => return Err(unexpected(other)),
+        }))
+    }
+
+    /// Takes back whatever entry `entry` of the batch `record` took, or stops it from taking
+    /// anything. Retried until Redis answers or the reconcile window has passed (the record is
+    /// gone by then).
+    async fn cancel(self: Arc<Self>, d: Arc<Decision>, record: Arc<str>, entry: u32) {
+        let mut invocation = script(Script::Cancel).prepare_invoke();
+        for (limit, _) in &d.limits {
+            invocation.key(self.counter(&d.key_id, limit));
+        }
+        if d.usage.is_some() {
+            invocation.key(self.usage_key(&d.key_id));
+        }
+        invocation.key(&*record).arg(entry).arg(self.ttl_ms());
+        let give_up = tokio::time::Instant::now() + self.reconcile_window;
+        let mut wait = Duration::from_millis(20);
+        loop {
+            let done: redis::RedisResult<i64> = invocation.invoke_async(&mut self.conn.clone()).await;
+            match done {
+                Ok(_) => return,
+                Err(error) if tokio::time::Instant::now() + wait >= give_up => {
+                    let key_id = &*d.key_id;
+                    tracing::error!(%error, key_id, "keygate: could not cancel a decision Redis may have counted");
+                    return;
+                }
+                Err(_) => {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
+/// Takes the queue's requests in batches, with at most [`IN_FLIGHT`] batches on their way.
+async fn batcher(shared: Weak<Shared>, mut queue: mpsc::UnboundedReceiver<Pending>) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    while let Some(first) = queue.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let Some(shared) = shared.upgrade() else { return };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        tokio::spawn(async move {
+            shared.send(batch).await;
+            drop(slot);
+        });
+    }
+}
+
+fn ms(v: i64) -> Duration {
+    Duration::from_millis(v.max(0) as u64)
+}
+
+pub(super) fn window_ms(limit: &RateLimit) -> u64 {
+    limit.window().as_millis().max(1) as u64
+}
+
+/// Lua numbers are doubles: amounts above 2^53 are clamped, not wrapped.
+pub(super) fn lua_number(n: u128) -> u64 {
+    n.min(1 << 53) as u64
+}
+
+fn unexpected(reply: &(impl std::fmt::Debug + ?Sized)) -> redis::RedisError {
+    (redis::ErrorKind::UnexpectedReturnType, "unexpected limiter reply", format!("{reply:?}")).into()
+}
