@@ -212,6 +212,7 @@ pub(crate) async fn variants(oneloop_addr: SocketAddr) -> Vec<(&'static str, Rou
     let remote = oneloop(oneloop_addr);
     let gate = |b: keygate::ApiKeyLayerBuilder| b.routes(routes()).build().unwrap();
     let off = |b: keygate::ApiKeyLayerBuilder| b.rate_limit_headers(HeaderStyle::Off);
+    #[cfg_attr(not(feature = "redis"), allow(unused_mut))]
     let mut variants = vec![
         ("bare", router()),
         // Deprecated upstream as too basic for real use: exactly why it is the floor here.

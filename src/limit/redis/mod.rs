@@ -253,13 +253,13 @@ impl Limiter for RedisLimiter {
         let shared = self.shared.clone();
         // A limit listed twice is one limit (one key): the script would count it twice.
         let limits = super::distinct(request.limits);
-        let asked = (limits.len() != request.limits.len()).then(|| request.limits.to_vec());
+        // Only where a limit repeats are the states given back per entry asked (rare: a copy then).
+        let asked = (limits.len() != request.limits.len()).then(|| (request.limits.to_vec(), limits.to_vec()));
         let decision = Decision { key_id: key_id.into(), limits: limits.into_owned(), usage: request.usage };
         Box::pin(async move {
-            let limits = decision.limits.clone();
             let verdict = shared.decide(decision).await?;
             Ok(verdict.map(|states| match &asked {
-                Some(asked) => super::per_entry(asked, &limits, states),
+                Some((asked, distinct)) => super::per_entry(asked, distinct, states),
                 None => states,
             }))
         })
