@@ -146,6 +146,13 @@ impl VerifiedKey {
         self.facts.expires_at
     }
 
+    /// Set when the presented key was rotated away and works only until then: tell its owner
+    /// to move to the new key. `None` for a key in its own right.
+    #[must_use]
+    pub fn grace_ends(&self) -> Option<SystemTime> {
+        self.facts.grace_ends
+    }
+
     /// All the facts, shared with the cache.
     #[must_use]
     pub fn facts(&self) -> &Arc<KeyFacts> {

@@ -38,14 +38,18 @@ pub const LIMITER_FALLBACKS: &str = "keygate_limiter_fallbacks_total";
 /// Histogram, seconds: the Redis key store's lookups on the request path, by `outcome` (`ok`,
 /// `error`, `timeout`).
 pub const STORE_DURATION: &str = "keygate_redis_store_duration_seconds";
+/// Histogram, seconds: the PostgreSQL key store's lookups on the request path, by `outcome` (`ok`,
+/// `error`: including no answer within the store's timeout).
+pub const POSTGRES_STORE_DURATION: &str = "keygate_postgres_store_duration_seconds";
 /// Counter: revocations received from other instances (each drops a key from this one's cache).
 pub const REVOCATIONS: &str = "keygate_revocations_received_total";
-/// Histogram, seconds: how long after Redis recorded a revocation this instance applied it (by
-/// Redis's clock against this host's: exact on one host, skewed by their difference otherwise).
+/// Histogram, seconds: how long after the store (Redis, PostgreSQL) recorded a revocation this
+/// instance applied it (by the store's clock against this host's: exact on one host, skewed by
+/// their difference otherwise).
 pub const REVOCATION_LAG: &str = "keygate_revocation_lag_seconds";
 
 /// Every metric name, for tests and documentation.
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 13] = [
     DECISIONS,
     CACHE_LOOKUPS,
     SINGLE_FLIGHT_JOINS,
@@ -56,6 +60,7 @@ pub const ALL: [&str; 12] = [
     REDIS_DURATION,
     LIMITER_FALLBACKS,
     STORE_DURATION,
+    POSTGRES_STORE_DURATION,
     REVOCATIONS,
     REVOCATION_LAG,
 ];
@@ -188,6 +193,10 @@ mod on {
         metrics::histogram!(STORE_DURATION, "outcome" => outcome).record(took.as_secs_f64());
     }
 
+    pub(crate) fn postgres_store(outcome: &'static str, took: Duration) {
+        metrics::histogram!(POSTGRES_STORE_DURATION, "outcome" => outcome).record(took.as_secs_f64());
+    }
+
     pub(crate) fn revocation_received(lag: Duration) {
         metrics::counter!(REVOCATIONS).increment(1);
         metrics::histogram!(REVOCATION_LAG).record(lag.as_secs_f64());
@@ -238,6 +247,8 @@ mod on {
     pub(crate) fn redis_store(_: &'static str, _: Duration) {}
     #[inline(always)]
     pub(crate) fn revocation_received(_: Duration) {}
+    #[inline(always)]
+    pub(crate) fn postgres_store(_: &'static str, _: Duration) {}
 }
 
 pub(crate) use on::*;

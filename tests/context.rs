@@ -138,7 +138,7 @@ async fn key_management_takes_effect_on_the_next_request() {
     assert_eq!(ask(&key).await, 401);
     verifier.enable("k").await.unwrap();
     assert_eq!(ask(&key).await, 200);
-    let rotated = verifier.rotate("k").await.unwrap();
+    let rotated = verifier.rotate("k", std::time::Duration::ZERO).await.unwrap();
     assert_eq!((ask(&key).await, ask(&rotated).await), (401, 200));
     verifier.delete("k").await.unwrap();
     assert_eq!(ask(&rotated).await, 401);

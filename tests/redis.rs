@@ -166,7 +166,7 @@ async fn a_revocation_reaches_every_instance_within_100_ms() {
     eprintln!("revocation reached instances 2 to 4 in {:?}", revoked.elapsed());
     // Rotation too: the old secret stops everywhere, the new one works.
     instances[0].verifier.enable("k").await.unwrap();
-    let new = instances[0].verifier.rotate("k").await.unwrap();
+    let new = instances[0].verifier.rotate("k", std::time::Duration::ZERO).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     for inst in &instances[1..] {
         assert_eq!(call(&inst.app, "/x", key).await, StatusCode::UNAUTHORIZED);

@@ -169,7 +169,7 @@ async fn concurrent_disable_and_rotate_never_lose_an_update() {
     for trial in 0..300 {
         let id = format!("k{trial}");
         let first = one.create(KeyFacts::new(id.as_str())).await.unwrap().key;
-        let (disabled, rotated) = tokio::join!(one.disable(&id), other.rotate(&id));
+        let (disabled, rotated) = tokio::join!(one.disable(&id), other.rotate(&id, std::time::Duration::ZERO));
         disabled.unwrap_or_else(|e| panic!("trial {trial}: disable: {e}"));
         let new = rotated.unwrap_or_else(|e| panic!("trial {trial}: rotate: {e}"));
         let (digest, record) = one.store().find(&id).await.unwrap().unwrap();

@@ -149,7 +149,7 @@ mod cluster {
         println!("revocation on a cluster: {:?}", disabled.elapsed());
 
         admin.enable("k").await.unwrap();
-        let rotated = admin.rotate("k").await.unwrap();
+        let rotated = admin.rotate("k", std::time::Duration::ZERO).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(call(&app, "/x", key.expose_secret()).await, StatusCode::UNAUTHORIZED, "the old secret");
         assert_eq!(call(&app, "/x", rotated.expose_secret()).await, StatusCode::OK, "the new secret");

@@ -213,11 +213,11 @@ impl<V: Verifier> CachedVerifier<V> {
         }
     }
 
-    /// Applies a revocation from [`RedisKeyStore::listen`](crate::store::RedisKeyStore::listen):
-    /// [`invalidate_digest`](Self::invalidate_digest) for one key, [`invalidate_all`](Self::invalidate_all)
-    /// when some may have been missed.
-    #[cfg(feature = "redis")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    /// Applies a revocation from a store's feed (`RedisKeyStore::listen`,
+    /// `PostgresKeyStore::listen`): [`invalidate_digest`](Self::invalidate_digest) for one key,
+    /// [`invalidate_all`](Self::invalidate_all) when some may have been missed.
+    #[cfg(any(feature = "redis", feature = "postgres"))]
+    #[cfg_attr(docsrs, doc(cfg(any(feature = "redis", feature = "postgres"))))]
     pub fn revoke(&self, revoked: crate::store::Revoked<'_>) {
         match revoked {
             crate::store::Revoked::Key(digest) => self.invalidate_digest(digest),
@@ -280,7 +280,7 @@ impl<V: Verifier> Shared<V> {
         let until = |at: SystemTime| at.duration_since(wall).ok();
         match answer.status {
             KeyStatus::Valid => {
-                let left = answer.facts.as_ref()?.expires_at.map_or(Some(Duration::MAX), until)?;
+                let left = answer.facts.as_ref()?.ends_at().map_or(Some(Duration::MAX), until)?;
                 let fresh = now + c.positive_ttl.min(left);
                 Some((fresh, now + (c.positive_ttl + c.max_stale).min(left)))
             }

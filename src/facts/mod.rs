@@ -59,6 +59,11 @@ pub struct KeyFacts {
     pub rate_limit: Option<Box<RateLimit>>,
     /// The key's usage allowance in total (local verifier); Oneloop keys use `billing` instead.
     pub usage_limit: Option<u64>,
+    /// Set when the presented key was rotated away: it keeps working until then (its grace
+    /// window), and is refused as `EXPIRED` after. Stores set it on the record they find by an old
+    /// key; it is never stored as a fact of the key itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grace_ends: Option<SystemTime>,
 }
 
 impl KeyFacts {
@@ -116,10 +121,20 @@ impl KeyFacts {
         self
     }
 
-    /// Whether the key is past its expiry at `now`.
+    /// When the presented key stops working, if ever: its expiry or the end of its grace
+    /// window, whichever comes first.
+    #[must_use]
+    pub fn ends_at(&self) -> Option<SystemTime> {
+        match (self.expires_at, self.grace_ends) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether the presented key is past its expiry, or its grace window, at `now`.
     #[must_use]
     pub fn is_expired_at(&self, now: SystemTime) -> bool {
-        self.expires_at.is_some_and(|at| now >= at)
+        self.ends_at().is_some_and(|at| now >= at)
     }
 }
 

@@ -44,7 +44,7 @@ impl Decide {
             (None, None) => return Err(self.refusals.unavailable()),
             (None, Some(facts)) => facts,
         };
-        if facts.expires_at.is_some() && facts.is_expired_at(now()) {
+        if facts.ends_at().is_some() && facts.is_expired_at(now()) {
             return Err(logged(Rejection::InvalidKey(KeyStatus::Expired), Some(&facts.id)));
         }
         if let Some(required) = required.filter(|r| !r.granted_by(&facts.scopes)) {

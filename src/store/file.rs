@@ -13,14 +13,19 @@
 //! metadata = { plan = "pro" }   # optional, string values
 //! rate_limit = { limit = 100, window_secs = 60 }   # optional, the key's own rate limit
 //! usage_limit = 10000           # optional, total usage allowed
+//! deleted = false               # optional, default false
+//! # optional: secrets rotated away that still work until `until` (Unix seconds)
+//! previous = [{ digest = "sha256:…", until = 1798761600 }]
 //! ```
+//!
+//! The `keygate` command-line tool (feature `cli`) writes such files with digests only.
 
-use super::StoredKey;
+use super::{Previous, StoredKey};
 use crate::facts::KeyFacts;
 use crate::key::KeyDigest;
 use crate::limit::RateLimit;
 use crate::scope::Scope;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, UNIX_EPOCH};
@@ -74,6 +79,44 @@ struct Entry {
     metadata: BTreeMap<String, String>,
     rate_limit: Option<RateLimit>,
     usage_limit: Option<u64>,
+    #[serde(default)]
+    deleted: bool,
+    #[serde(default)]
+    previous: Vec<PreviousEntry>,
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct PreviousEntry {
+    digest: String,
+    /// Unix seconds (to the millisecond).
+    until: f64,
+}
+
+/// How [`KeyFile::render`] writes an entry: digests only, defaults left out.
+#[derive(Serialize)]
+struct WrittenEntry<'a> {
+    id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    digest: String,
+    scopes: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    enabled: Option<bool>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    deleted: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    customer_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    metadata: BTreeMap<&'a str, &'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate_limit: Option<&'a RateLimit>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage_limit: Option<u64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    previous: Vec<PreviousEntry>,
 }
 
 fn yes() -> bool {
@@ -147,11 +190,69 @@ impl KeyFile {
                     usage_limit: entry.usage_limit,
                     ..KeyFacts::default()
                 };
-                let stored = StoredKey { enabled: entry.enabled, ..StoredKey::new(facts) };
+                let previous = entry
+                    .previous
+                    .iter()
+                    .map(|p| {
+                        let digest = p.digest.parse().map_err(|e| at(format!("`previous` digest: {e}")))?;
+                        let ms = (p.until * 1000.0).round();
+                        if !(0.0..=u64::MAX as f64).contains(&ms) {
+                            return Err(at(format!("`previous` until {}", p.until)));
+                        }
+                        Ok(Previous { digest, until: super::unix_ms::from_ms(ms as u64) })
+                    })
+                    .collect::<Result<_, _>>()?;
+                let stored =
+                    StoredKey { enabled: entry.enabled, deleted: entry.deleted, previous, ..StoredKey::new(facts) };
                 Ok((digest, stored))
             })
             .collect::<Result<_, _>>()?;
         Ok(Self { keys })
+    }
+
+    /// These keys as the text of a key file, with digests only (never a key), in the order
+    /// given; [`parse`](Self::parse) reads back the same keys.
+    ///
+    /// ```
+    /// use keygate::store::{KeyFile, StoredKey};
+    /// use keygate::{KeyDigest, KeyFacts};
+    /// let keys = vec![(KeyDigest::of("dev-key-1"), StoredKey::new(KeyFacts::new("k1").with_customer("cus_1")))];
+    /// let text = KeyFile::render(&keys);
+    /// assert!(!text.contains("dev-key-1"));
+    /// assert_eq!(KeyFile::parse(&text).unwrap().keys, keys);
+    /// ```
+    #[must_use]
+    pub fn render(keys: &[(KeyDigest, StoredKey)]) -> String {
+        #[derive(Serialize)]
+        struct Written<'a> {
+            keys: Vec<WrittenEntry<'a>>,
+        }
+        let secs = |t: std::time::SystemTime| t.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let keys = keys
+            .iter()
+            .map(|(digest, k)| WrittenEntry {
+                id: &k.facts.id,
+                name: k.facts.name.as_deref(),
+                digest: digest.to_string(),
+                scopes: k.facts.scopes.iter().map(ToString::to_string).collect(),
+                expires_at: k.facts.expires_at.map(|t| secs(t).as_secs()),
+                enabled: (!k.enabled).then_some(false),
+                deleted: k.deleted,
+                customer_id: k.facts.customer_id.as_deref(),
+                metadata: k.facts.metadata.iter().collect(),
+                rate_limit: k.facts.rate_limit.as_deref(),
+                usage_limit: k.facts.usage_limit,
+                previous: k
+                    .previous
+                    .iter()
+                    .map(|p| PreviousEntry {
+                        digest: p.digest.to_string(),
+                        until: secs(p.until).as_millis() as f64 / 1000.0,
+                    })
+                    .collect(),
+            })
+            .collect();
+        toml::to_string(&Written { keys }).unwrap_or_default()
     }
 }
 

@@ -53,7 +53,13 @@ impl MemoryStore {
             if m.by_id.contains_key(&key.facts.id) || m.by_digest.contains_key(&digest) {
                 return Err(StoreError::Exists(key.facts.id.clone()));
             }
+            if key.previous.iter().any(|p| p.digest == digest || m.by_digest.contains_key(&p.digest)) {
+                return Err(StoreError::Exists(key.facts.id.clone()));
+            }
             m.by_id.insert(key.facts.id.clone(), digest);
+            for p in &key.previous {
+                m.by_digest.insert(p.digest, key.grace_copy(p.until));
+            }
             m.by_digest.insert(digest, key);
             Ok(())
         })
@@ -68,9 +74,18 @@ impl MemoryStore {
                 return false;
             }
             next.revision = was.revision + 1;
+            next.previous = super::kept_previous(current, was, digest, &next);
+            // The earlier secrets' copies go, and come back from `next`, so that they follow its
+            // facts and status (a key disabled in its grace window is disabled by every secret).
+            for p in &was.previous {
+                m.by_digest.remove(&p.digest);
+            }
             if digest != current {
                 m.by_digest.remove(&current);
                 m.by_id.insert(id.clone(), digest);
+            }
+            for p in &next.previous {
+                m.by_digest.insert(p.digest, next.grace_copy(p.until));
             }
             m.by_digest.insert(digest, next);
             true
@@ -118,5 +133,17 @@ impl KeyStore for MemoryStore {
     ) -> BoxFuture<'static, Result<bool, StoreError>> {
         let replaced = self.replace_now(current, was, digest, next);
         Box::pin(async move { Ok(replaced) })
+    }
+
+    fn list(&self, customer: Option<&str>) -> BoxFuture<'static, Result<Vec<(KeyDigest, StoredKey)>, StoreError>> {
+        let mut keys: Vec<(KeyDigest, StoredKey)> = self.read(|m| {
+            m.by_id
+                .values()
+                .filter_map(|d| Some((*d, m.by_digest.get(d)?.clone())))
+                .filter(|(_, k)| customer.is_none() || k.facts.customer_id.as_deref() == customer)
+                .collect()
+        });
+        keys.sort_by(|a, b| a.1.facts.id.cmp(&b.1.facts.id));
+        Box::pin(async move { Ok(keys) })
     }
 }

@@ -2,8 +2,10 @@
 //! instance reads (feature `redis`).
 //!
 //! Layout, all in one hash slot (`{prefix}`) so that every script runs on one Cluster node:
-//! `{prefix}:key:<digest>` a key's record (JSON), `{prefix}:id:<id>` its digest,
-//! `{prefix}:revoked` the stream of digests whose meaning changed (capped near [`STREAM_LEN`]).
+//! `{prefix}:key:<digest>` a key's record (JSON), `{prefix}:id:<id>` its digest, `{prefix}:ids`
+//! the set of ids (for listing), `{prefix}:revoked` the stream of digests whose meaning changed
+//! (capped near [`STREAM_LEN`]). A secret in its grace window after a rotation has a record of its
+//! own, a copy of the key's that Redis expires a day after the window ends, rewritten at every change.
 
 use super::{KeyStore, StoreError, StoredKey};
 use crate::boxed::BoxFuture;
@@ -15,8 +17,10 @@ use std::time::Duration;
 mod listen;
 mod policy;
 
-pub use listen::Revoked;
 pub use policy::EvictionPolicy;
+
+/// How long the record of a secret rotated away outlives its grace window.
+const KEEP_EXPIRED: Duration = Duration::from_secs(24 * 3600);
 
 /// About how many revocations the stream keeps: an instance cut off for longer than it takes to
 /// make this many changes cannot tell which it missed, and drops its whole cache instead.
@@ -39,19 +43,23 @@ pub struct RedisKeyStore {
 }
 
 /// Inserts a record and its id, unless either is taken.
-/// KEYS: record, id. ARGV: json, digest.
+/// KEYS: record, id, ids. ARGV: json, digest, id.
 const INSERT: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[2], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[3])
 return 1
 "#;
 
 /// Compare-and-set: replaces the record the id points at if it is still the one read (same
 /// digest, same revision), under a new digest for a rotation (removing the old one), and appends
 /// the digests whose meaning changed to the revocation stream.
-/// KEYS: current record, id, new record, stream. ARGV: current digest, revision read, new json,
-/// new digest, stream length.
+/// Then rewrites the records of the secrets in their grace window (a copy, expiring at the window's
+/// end, or none), each also on the stream.
+/// KEYS: current record, id, new record, stream, grace records…. ARGV: current digest, revision
+/// read, new json, new digest, stream length, then for each grace record: its digest, its json
+/// ('' to delete), its time to live in ms.
 /// Returns 1 if replaced, 0 if the key changed since it was read, -1 if the new digest is taken.
 const REPLACE: &str = r#"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
@@ -67,6 +75,15 @@ if KEYS[3] ~= KEYS[1] then
 end
 redis.call('SET', KEYS[3], ARGV[3])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'd', ARGV[4])
+for i = 5, #KEYS do
+  local a = 6 + (i - 5) * 3
+  if ARGV[a + 1] == '' then
+    redis.call('DEL', KEYS[i])
+  else
+    redis.call('SET', KEYS[i], ARGV[a + 1], 'PX', ARGV[a + 2])
+  end
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'd', ARGV[a])
+end
 return 1
 "#;
 
@@ -112,6 +129,10 @@ impl RedisKeyStore {
 
     fn id_key(&self, id: &str) -> String {
         format!("{}:id:{id}", self.tag)
+    }
+
+    fn ids_key(&self) -> String {
+        format!("{}:ids", self.tag)
     }
 
     async fn timed<T>(&self, op: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, StoreError> {
@@ -186,7 +207,9 @@ impl KeyStore for RedisKeyStore {
         Box::pin(async move {
             let json = serde_json::to_string(&StoredKey { revision: 0, ..key.clone() }).map_err(backend)?;
             let mut invocation = script(0).prepare_invoke();
-            invocation.key(this.record_key(&digest)).key(this.id_key(&key.facts.id)).arg(json).arg(digest.to_string());
+            let id = &key.facts.id;
+            invocation.key(this.record_key(&digest)).key(this.id_key(id)).key(this.ids_key());
+            invocation.arg(json).arg(digest.to_string()).arg(id);
             let inserted: i64 = this.timed(this.conn.write(&invocation)).await?;
             if inserted == 1 {
                 Ok(())
@@ -204,8 +227,29 @@ impl KeyStore for RedisKeyStore {
         next: StoredKey,
     ) -> BoxFuture<'static, Result<bool, StoreError>> {
         let (this, id, revision) = (self.clone(), was.facts.id.clone(), was.revision);
+        let previous = super::kept_previous(current, was, digest, &next);
+        let next = StoredKey { revision: revision + 1, previous, ..next };
+        // Every earlier secret's record is rewritten: kept ones as copies of `next`, others deleted.
+        let mut earlier: Vec<KeyDigest> = was.previous.iter().map(|p| p.digest).collect();
+        if digest != current {
+            earlier.push(current);
+        }
+        let now = std::time::SystemTime::now();
+        let grace: Result<Vec<(KeyDigest, Option<String>, u128)>, StoreError> = earlier
+            .into_iter()
+            .map(|d| {
+                let kept = next.previous.iter().find(|p| p.digest == d);
+                // Kept a day past its window, so that it is refused as expired (not unknown) then.
+                let ttl =
+                    kept.and_then(|p| p.until.duration_since(now).ok()).map_or(0, |t| (t + KEEP_EXPIRED).as_millis());
+                let json = kept.filter(|_| ttl > 0).map(|p| serde_json::to_string(&next.grace_copy(p.until)));
+                Ok((d, json.transpose()?, ttl))
+            })
+            .collect::<Result<_, serde_json::Error>>()
+            .map_err(backend);
         Box::pin(async move {
-            let json = serde_json::to_string(&StoredKey { revision: revision + 1, ..next }).map_err(backend)?;
+            let grace = grace?;
+            let json = serde_json::to_string(&next).map_err(backend)?;
             let mut invocation = script(1).prepare_invoke();
             invocation
                 .key(this.record_key(&current))
@@ -217,8 +261,34 @@ impl KeyStore for RedisKeyStore {
                 .arg(json)
                 .arg(digest.to_string())
                 .arg(STREAM_LEN);
+            for (d, json, ttl) in &grace {
+                invocation
+                    .key(this.record_key(d))
+                    .arg(d.to_string())
+                    .arg(json.as_deref().unwrap_or(""))
+                    .arg(*ttl as u64);
+            }
             let replaced: i64 = this.timed(this.conn.write(&invocation)).await?;
             Ok(replaced == 1)
+        })
+    }
+
+    fn list(&self, customer: Option<&str>) -> BoxFuture<'static, Result<Vec<(KeyDigest, StoredKey)>, StoreError>> {
+        let (this, customer) = (self.clone(), customer.map(str::to_owned));
+        Box::pin(async move {
+            let mut conn = this.conn.clone();
+            let ids: Vec<String> =
+                this.timed(redis::cmd("SMEMBERS").arg(this.ids_key()).query_async(&mut conn)).await?;
+            let mut keys = Vec::with_capacity(ids.len());
+            for id in ids {
+                if let Some((digest, key)) = this.find(&id).await? {
+                    if customer.is_none() || key.facts.customer_id == customer {
+                        keys.push((digest, key));
+                    }
+                }
+            }
+            keys.sort_by(|a, b| a.1.facts.id.cmp(&b.1.facts.id));
+            Ok(keys)
         })
     }
 }

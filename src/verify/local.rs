@@ -2,9 +2,10 @@
 
 use super::{BoxFuture, KeyFacts, Verification, Verifier, VerifyError, VerifyRequest};
 use crate::key::{ApiKey, KeyFormat, PresentedKey};
-use crate::store::{KeyFile, KeyStore, LoadError, Lookup, MemoryStore, StoreError, StoredKey};
+use crate::store::{KeyFile, KeyStore, LoadError, Lookup, MemoryStore, Previous, StoreError, StoredKey};
 use std::fmt;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 #[doc = include_str!("../../docs/local_verifier.md")]
 #[derive(Clone)]
@@ -101,7 +102,7 @@ impl LocalVerifier {
     /// # Errors
     /// [`StoreError::NotFound`] for an unknown id; [`StoreError::Backend`] when the store fails.
     pub async fn disable(&self, id: &str) -> Result<(), StoreError> {
-        self.update(id, None, |k| k.enabled = false).await
+        self.update(id, None, |k, _| k.enabled = false).await
     }
 
     /// Enables a disabled key.
@@ -109,7 +110,7 @@ impl LocalVerifier {
     /// # Errors
     /// [`StoreError::NotFound`] for an unknown id; [`StoreError::Backend`] when the store fails.
     pub async fn enable(&self, id: &str) -> Result<(), StoreError> {
-        self.update(id, None, |k| k.enabled = true).await
+        self.update(id, None, |k, _| k.enabled = true).await
     }
 
     /// Deletes a key for good: it is refused (`DELETED`).
@@ -117,34 +118,48 @@ impl LocalVerifier {
     /// # Errors
     /// [`StoreError::NotFound`] for an unknown id; [`StoreError::Backend`] when the store fails.
     pub async fn delete(&self, id: &str) -> Result<(), StoreError> {
-        self.update(id, None, |k| k.deleted = true).await
+        self.update(id, None, |k, _| k.deleted = true).await
     }
 
-    /// Replaces a key's secret, keeping its id and facts; the old secret stops working at once.
+    /// Replaces a key's secret, keeping its id and facts. The old secret keeps working for
+    /// `grace` (on every instance, whatever the store), and a request made with it carries
+    /// [`VerifiedKey::grace_ends`](crate::VerifiedKey::grace_ends) so the application can warn its
+    /// owner; `Duration::ZERO` stops it at once. A key rotated again in its window keeps each
+    /// earlier secret until that secret's own end.
     ///
     /// # Errors
     /// [`StoreError::NotFound`] for an unknown id; [`StoreError::Backend`] when the store fails or the
     /// OS random source does.
-    pub async fn rotate(&self, id: &str) -> Result<ApiKey, StoreError> {
+    pub async fn rotate(&self, id: &str, grace: Duration) -> Result<ApiKey, StoreError> {
         let key = self.generate()?;
-        self.update(id, Some(key.digest()), |_| ()).await?;
+        // To the millisecond, as every store keeps it.
+        let until = crate::store::unix_ms::from_ms(crate::store::unix_ms::to_ms(SystemTime::now() + grace));
+        self.update(id, Some(key.digest()), |k, current| {
+            if !grace.is_zero() {
+                k.previous.push(Previous { digest: current, until });
+            }
+        })
+        .await?;
         Ok(key)
     }
 
     /// Reads the key, changes it, and writes it back only if nobody changed it meanwhile;
     /// otherwise reads it again. Each lost race means another admin's update landed, so a bounded
-    /// number of retries is only exhausted by a storm of updates to one key.
+    /// number of retries is only exhausted by a storm of updates to one key. Earlier secrets past
+    /// their grace window are dropped on the way.
     async fn update(
         &self,
         id: &str,
         new_digest: Option<crate::key::KeyDigest>,
-        change: impl Fn(&mut StoredKey),
+        change: impl Fn(&mut StoredKey, crate::key::KeyDigest),
     ) -> Result<(), StoreError> {
         const ATTEMPTS: usize = 64;
         for _ in 0..ATTEMPTS {
             let (digest, was) = self.store.find(id).await?.ok_or_else(|| StoreError::NotFound(id.into()))?;
             let mut next = was.clone();
-            change(&mut next);
+            let now = SystemTime::now();
+            next.previous.retain(|p| p.until > now);
+            change(&mut next, digest);
             if self.store.replace(digest, &was, new_digest.unwrap_or(digest), next).await? {
                 return Ok(());
             }

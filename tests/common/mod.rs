@@ -5,7 +5,9 @@
 pub(crate) mod oneloop;
 #[cfg(feature = "redis")]
 pub(crate) mod own_redis;
-#[cfg(feature = "redis")]
+#[cfg(feature = "postgres")]
+pub(crate) mod pg;
+#[cfg(any(feature = "redis", feature = "postgres"))]
 pub(crate) mod proxy;
 #[cfg(feature = "redis")]
 pub(crate) mod topology;

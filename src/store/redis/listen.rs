@@ -12,6 +12,7 @@ use super::RedisKeyStore;
 use crate::connection::RedisConnection;
 use crate::key::KeyDigest;
 use crate::outage::Outage;
+use crate::store::Revoked;
 use redis::streams::StreamReadReply;
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
@@ -22,24 +23,6 @@ const BLOCK: Duration = Duration::from_millis(400);
 const GRACE: Duration = Duration::from_millis(300);
 /// The most entries read at once.
 const BATCH: usize = 1000;
-
-/// What a revocation listener is told (see [`RedisKeyStore::listen`]).
-///
-/// The example runs against the Redis at `REDIS_URL` (and is reported ignored where that is unset).
-///
-#[cfg_attr(keygate_redis_url, doc = "```rust")]
-#[cfg_attr(not(keygate_redis_url), doc = "```rust,ignore")]
-#[doc = include_str!("../../../docs/revoked.md")]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Revoked<'a> {
-    /// This key's record changed (disabled, enabled, deleted, rotated away): forget what is
-    /// cached for it.
-    Key(&'a KeyDigest),
-    /// Revocations may have been missed (the stream was trimmed past the last one this instance
-    /// saw, or lost, while it was cut off): forget everything.
-    All,
-}
 
 /// A stream entry id, `<ms>-<seq>`, ordered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
