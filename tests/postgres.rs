@@ -246,3 +246,36 @@ async fn a_silent_database_connection_gives_503_within_the_timeout_and_the_app_r
     }
     eprintln!("recovered from a silent connection in {:?} ({answered} keys answered)", started.elapsed());
 }
+
+#[cfg_attr(not(keygate_database_url), ignore = "needs DATABASE_URL")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_connection_that_died_silently_never_takes_the_lookups_connections() {
+    let schema = Schema::new("leak");
+    let admin_store = schema.store("kg-leak-admin").await;
+    let admin = LocalVerifier::new(admin_store.clone());
+    // The instance's pool has two connections; its listener freezes twice. (`pg_stat_activity` is
+    // read through the admin's pool.)
+    let store = schema.store_with("kg-leak", 2).await;
+    let cached = CachedVerifier::new(LocalVerifier::new(store.clone()), CacheConfig::default());
+    let cache = cached.clone();
+    store.listen(move |revoked| cache.revoke(revoked));
+    let addr =
+        common::serve_axum(Router::new().route("/x", get(|| async { "ok" })).layer(ApiKeyLayer::new(cached))).await;
+    let inst = Instance { addr, admin: admin.clone(), store: admin_store, app: "kg-leak".into() };
+    let mut frozen = Vec::new();
+    for _ in 0..2 {
+        let pid = inst.listening().await;
+        frozen.push(Frozen::stop(pid));
+        let started = Instant::now();
+        while listener_pids(&inst.store, &inst.app).await.iter().all(|p| frozen.iter().any(|f| f.0 == *p)) {
+            assert!(started.elapsed() < Duration::from_secs(4), "no new listener after a freeze");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Both frozen connections are still open; lookups still get connections of their own.
+    for i in 0..5 {
+        let key = admin.create(KeyFacts::new(format!("k{i}"))).await.unwrap().key;
+        assert_eq!(inst.call(key.expose_secret()).await.0, StatusCode::OK, "lookup {i}");
+    }
+    drop(frozen);
+}

@@ -45,8 +45,16 @@ impl Schema {
     /// A store in this schema on a pool of its own, its connections named `app` (to find them in
     /// `pg_stat_activity`), migrated.
     pub(crate) async fn store(&self, app: &str) -> PostgresKeyStore {
+        self.store_with(app, 8).await
+    }
+
+    /// As [`store`](Self::store), on a pool of `size` connections.
+    pub(crate) async fn store_with(&self, app: &str, size: u32) -> PostgresKeyStore {
         let options = options().application_name(app);
-        let pool = PgPoolOptions::new().max_connections(8).connect_lazy_with(options);
+        let pool = PgPoolOptions::new()
+            .max_connections(size)
+            .acquire_timeout(std::time::Duration::from_secs(1))
+            .connect_lazy_with(options);
         let store = PostgresKeyStore::new(pool).in_schema(&self.name).unwrap();
         store.migrate().await.unwrap();
         store

@@ -15,7 +15,7 @@
 use super::PostgresKeyStore;
 use crate::outage::Outage;
 use crate::store::Revoked;
-use sqlx::postgres::{PgListener, PgNotification, PgPool};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgNotification, PgPool, PgPoolOptions};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 
@@ -114,7 +114,14 @@ async fn run(pool: PgPool, channel: String, on_revoke: impl Fn(Revoked<'_>)) {
 }
 
 async fn connect(pool: &PgPool, channel: &str, ping: &str) -> Result<PgListener, sqlx::Error> {
-    let mut listener = PgListener::connect_with(pool).await?;
+    // A pool of its own, one per connection: a listener given up for dead is dropped with a
+    // clean-up (`UNLISTEN`) that waits on its silent peer, holding its pool slot until TCP gives up.
+    // Taken from the store's pool, such slots would starve the lookups, one per silent death.
+    let own = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(DEAD_AFTER)
+        .connect_lazy_with(PgConnectOptions::clone(&pool.connect_options()));
+    let mut listener = PgListener::connect_with(&own).await?;
     // The supervisor notices a lost connection and starts over (with a cache flush); the
     // listener must not reconnect behind its back.
     listener.eager_reconnect(false);
