@@ -98,6 +98,10 @@ fn errors_have_their_exit_codes_and_keys_come_only_from_stdin() {
     keygate(store, &["keys", "create", "--id", "k"]).code(4);
     keygate(store, &["keys", "create", "--id", "x", "--scope", "items:fly"]).code(2);
     keygate(store, &["keys", "rotate", "k", "--grace", "soon"]).code(2);
+    // Numbers past what a duration holds are usage errors, not panics.
+    keygate(store, &["keys", "rotate", "k", "--grace", "99999999999999999d"]).code(2);
+    keygate(store, &["keys", "rotate", "k", "--grace", "367d"]).code(2);
+    keygate(store, &["keys", "create", "--id", "y", "--expires-in", "99999999999999999d"]).code(2);
     keygate(store, &["migrate"]).code(2);
     keygate("mongodb://x", &["keys", "list"]).code(2);
     // `digest` reads the key on stdin (never an argument, which shell history would keep).

@@ -106,6 +106,19 @@ async fn contract(store: Arc<dyn KeyStore>) {
     assert_eq!(s.find("k1").await.unwrap().unwrap().1.previous.len(), 1);
     admin.enable("k1").await.unwrap();
 
+    // The longest grace window is MAX_GRACE; a longer one is refused (never a panic), changing nothing.
+    let (before_digest, before) = s.find("k1").await.unwrap().unwrap();
+    for too_long in [LocalVerifier::MAX_GRACE + Duration::from_millis(1), Duration::MAX] {
+        assert!(matches!(admin.rotate("k1", too_long).await, Err(StoreError::Invalid(_))));
+    }
+    assert_eq!(s.find("k1").await.unwrap().unwrap(), (before_digest, before));
+    let longest = admin.rotate("k1", LocalVerifier::MAX_GRACE).await.unwrap();
+    let (_, k1_now) = s.find("k1").await.unwrap().unwrap();
+    let ends = k1_now.previous.iter().map(|p| p.until).max().unwrap();
+    assert!(ends > SystemTime::now() + LocalVerifier::MAX_GRACE - Duration::from_secs(60));
+    assert_eq!(status(s, &before_digest).await, Some(KeyStatus::Valid), "kept for the longest window");
+    let new3 = longest;
+
     // List: ordered by id, by customer, current secrets only.
     admin.create(facts("k0", Some("cus_b"))).await.unwrap();
     admin.create(facts("k3", None)).await.unwrap();

@@ -24,6 +24,9 @@ pub struct CreatedKey {
 }
 
 impl LocalVerifier {
+    /// The longest grace window [`rotate`](Self::rotate) accepts: 366 days.
+    pub const MAX_GRACE: Duration = Duration::from_secs(366 * 24 * 3600);
+
     /// A verifier over `store`, generating keys in the default `kg_` format.
     pub fn new(store: impl KeyStore) -> Self {
         Self { store: Arc::new(store), format: KeyFormat::Checksummed { prefix: "kg_".into() } }
@@ -128,9 +131,13 @@ impl LocalVerifier {
     /// earlier secret until that secret's own end.
     ///
     /// # Errors
+    /// [`StoreError::Invalid`] for a `grace` over [`MAX_GRACE`](Self::MAX_GRACE);
     /// [`StoreError::NotFound`] for an unknown id; [`StoreError::Backend`] when the store fails or the
     /// OS random source does.
     pub async fn rotate(&self, id: &str, grace: Duration) -> Result<ApiKey, StoreError> {
+        if grace > Self::MAX_GRACE {
+            return Err(StoreError::Invalid(format!("a grace window of {grace:?} is longer than 366 days")));
+        }
         let key = self.generate()?;
         // To the millisecond, as every store keeps it.
         let until = crate::store::unix_ms::from_ms(crate::store::unix_ms::to_ms(SystemTime::now() + grace));

@@ -11,7 +11,7 @@
 //! Keys are never taken as arguments (they would stay in shell history): `digest` reads one on
 //! stdin. A key is printed only by `create` and `rotate`, once.
 //!
-//! Exit codes: 0 done; 1 the store failed (unreachable, misconfigured); 2 a usage error; 3 no key
+//! Exit codes: 0 done; 1 the store failed (unreachable, not migrated); 2 a usage error; 3 no key
 //! with that id; 4 the id or secret already exists.
 
 mod output;
@@ -119,6 +119,8 @@ impl From<StoreError> for Failure {
         let code = match e {
             StoreError::NotFound(_) => 3,
             StoreError::Exists(_) => 4,
+            // What was asked cannot be done as asked (a grace window too long, a schema name).
+            StoreError::Invalid(_) => 2,
             _ => 1,
         };
         Self(code, e.to_string())
@@ -131,19 +133,20 @@ fn usage(message: impl Into<String>) -> Failure {
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
+    let unreadable = || format!("{text:?}: a number and a unit (ms, s, m, h, d)");
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (n, unit) = text.split_at(split);
-    let n: u64 = n.parse().map_err(|_| format!("{text:?}: a number and a unit (ms, s, m, h, d)"))?;
-    let secs = match unit {
+    let n: u64 = n.parse().map_err(|_| unreadable())?;
+    let per_unit = match unit {
         "ms" => return Ok(Duration::from_millis(n)),
         "" if n == 0 => 0,
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
-        _ => return Err(format!("{text:?}: a number and a unit (ms, s, m, h, d)")),
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(unreadable()),
     };
-    Ok(Duration::from_secs(secs))
+    n.checked_mul(per_unit).map(Duration::from_secs).ok_or_else(|| format!("{text:?} is too long"))
 }
 
 fn parse_pair(text: &str) -> Result<(String, String), String> {
@@ -253,7 +256,8 @@ fn facts(c: &Create) -> Result<KeyFacts, Failure> {
         facts = facts.with_customer(customer);
     }
     if let Some(after) = c.expires_in {
-        facts = facts.with_expiry(SystemTime::now() + after);
+        let at = SystemTime::now().checked_add(after).ok_or_else(|| usage("--expires-in is too long"))?;
+        facts = facts.with_expiry(at);
     }
     if let Some(limit) = &c.rate_limit {
         facts = facts.with_rate_limit(RateLimit::parse("key", limit).map_err(|e| usage(e.to_string()))?);
