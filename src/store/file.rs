@@ -217,12 +217,15 @@ impl KeyFile {
     /// use keygate::store::{KeyFile, StoredKey};
     /// use keygate::{KeyDigest, KeyFacts};
     /// let keys = vec![(KeyDigest::of("dev-key-1"), StoredKey::new(KeyFacts::new("k1").with_customer("cus_1")))];
-    /// let text = KeyFile::render(&keys);
+    /// let text = KeyFile::render(&keys).unwrap();
     /// assert!(!text.contains("dev-key-1"));
     /// assert_eq!(KeyFile::parse(&text).unwrap().keys, keys);
     /// ```
-    #[must_use]
-    pub fn render(keys: &[(KeyDigest, StoredKey)]) -> String {
+    ///
+    /// # Errors
+    /// [`LoadError`] if TOML cannot hold a value (never for keys this crate made; an error rather
+    /// than an empty text, which a caller writing it back would take for no keys).
+    pub fn render(keys: &[(KeyDigest, StoredKey)]) -> Result<String, LoadError> {
         #[derive(Serialize)]
         struct Written<'a> {
             keys: Vec<WrittenEntry<'a>>,
@@ -252,7 +255,7 @@ impl KeyFile {
                     .collect(),
             })
             .collect();
-        toml::to_string(&Written { keys }).unwrap_or_default()
+        toml::to_string(&Written { keys }).map_err(|e| LoadError(format!("cannot be written: {e}")))
     }
 }
 

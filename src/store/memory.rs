@@ -96,12 +96,13 @@ impl MemoryStore {
 impl KeyStore for MemoryStore {
     fn get_now(&self, key: &PresentedKey<'_>) -> Lookup {
         let fingerprint = key.fingerprint();
-        let seen = self.read(|m| m.by_fingerprint.get(&fingerprint).map(|d| m.by_digest.get(d).cloned()));
+        let seen = self
+            .read(|m| m.by_fingerprint.get(&fingerprint).map(|d| m.by_digest.get(d).map(StoredKey::for_verification)));
         if let Some(found) = seen {
             return found.into();
         }
         let digest = *key.digest();
-        let found = self.read(|m| m.by_digest.get(&digest).cloned());
+        let found = self.read(|m| m.by_digest.get(&digest).map(StoredKey::for_verification));
         if found.is_some() {
             // Only known keys are indexed, so unknown keys cannot grow the index.
             self.write(|m| m.by_fingerprint.insert(fingerprint, digest));

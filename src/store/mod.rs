@@ -147,6 +147,13 @@ impl StoredKey {
         Self { facts: Arc::new(facts), enabled: true, deleted: false, revision: 0, previous: Vec::new() }
     }
 
+    /// This record without its [`previous`](Self::previous) secrets: what verification needs,
+    /// copied without allocating.
+    #[must_use]
+    pub fn for_verification(&self) -> Self {
+        Self { facts: Arc::clone(&self.facts), previous: Vec::new(), ..*self }
+    }
+
     /// What a store answers for one of [`previous`](Self::previous): this record, with facts
     /// that end at `until`, and no previous secrets of its own.
     #[must_use]
@@ -228,7 +235,9 @@ impl std::error::Error for StoreError {}
 #[doc = include_str!("../../docs/key_store.md")]
 pub trait KeyStore: Send + Sync + 'static {
     /// The presented key's record, if the store can answer without I/O; [`Lookup::NeedsIo`] (the
-    /// default) sends the caller to [`get`](Self::get).
+    /// default) sends the caller to [`get`](Self::get). Verification reads the facts and status
+    /// only, so a store may leave [`StoredKey::previous`] empty here (the memory store does: on the
+    /// warm path a key in a grace window would otherwise copy its list on every request).
     fn get_now(&self, key: &PresentedKey<'_>) -> Lookup {
         let _ = key;
         Lookup::NeedsIo

@@ -2,7 +2,6 @@
 
 use keygate::store::PostgresKeyStore;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use std::str::FromStr;
 
 /// The shared PostgreSQL. Tests that use it are ignored (not passed) when `DATABASE_URL` was not
 /// set at build time; see build.rs.
@@ -10,23 +9,10 @@ pub(crate) fn database_url() -> String {
     std::env::var("DATABASE_URL").expect("DATABASE_URL is set (this test is ignored otherwise)")
 }
 
-/// `DATABASE_URL`'s options. A URL without a user (as CI's) means the OS user, as for libpq;
-/// sqlx would ask for `$USER`, unset in some environments, so it is filled in here.
+/// `DATABASE_URL`'s options, read as the store reads a URL (a URL without a user, as CI's, means
+/// the OS user).
 pub(crate) fn options() -> PgConnectOptions {
-    let url = database_url();
-    let options = PgConnectOptions::from_str(&url).unwrap();
-    let has_user = url.split_once("://").is_some_and(|(_, rest)| rest.split('/').next().unwrap_or("").contains('@'));
-    if has_user || std::env::var_os("PGUSER").is_some() {
-        return options;
-    }
-    let user =
-        std::env::var("USER").ok().filter(|u| !u.is_empty()).or_else(os_user).unwrap_or_else(|| "postgres".into());
-    options.username(&user)
-}
-
-fn os_user() -> Option<String> {
-    let out = std::process::Command::new("id").arg("-un").output().ok()?;
-    Some(String::from_utf8(out.stdout).ok()?.trim().to_owned()).filter(|u| !u.is_empty())
+    PostgresKeyStore::options(&database_url()).unwrap()
 }
 
 /// A schema no other test (or earlier run) uses; dropped on drop.

@@ -102,7 +102,8 @@ impl Opened {
     pub(crate) async fn save(&self) -> Result<(), Failure> {
         let Self::File { path, admin, .. } = self else { return Ok(()) };
         let keys = admin.store().list(None).await?;
-        let text = format!("# keygate key file: digests only, written by `keygate`.\n{}", KeyFile::render(&keys));
+        let keys = KeyFile::render(&keys).map_err(|e| Failure(1, e.to_string()))?;
+        let text = format!("# keygate key file: digests only, written by `keygate`.\n{keys}");
         let tmp = path.with_extension("toml.tmp");
         let io = |e: std::io::Error| Failure(1, format!("writing {}: {e}", path.display()));
         std::fs::write(&tmp, text).map_err(io)?;

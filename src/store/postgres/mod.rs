@@ -125,25 +125,35 @@ impl PostgresKeyStore {
     }
 
     /// A store on a pool of up to 8 connections to `url` (`postgres://…`), made when first
-    /// needed: this does no I/O. As with `psql`, a URL without a user means `PGUSER`, or else the
-    /// user this process runs as.
+    /// needed: this does no I/O.
+    ///
+    /// # Errors
+    /// As [`options`](Self::options).
+    pub fn connect_lazy(url: &str) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(2))
+            .connect_lazy_with(Self::options(url)?);
+        Ok(Self::new(pool))
+    }
+
+    /// The connection options of `url`, for a pool of your own. As with `psql`, a URL without a
+    /// user means `PGUSER`, or else the user this process runs as.
     ///
     /// # Errors
     /// [`StoreError::Invalid`] for a URL sqlx cannot read (the message never repeats the URL,
     /// which may hold a password).
-    pub fn connect_lazy(url: &str) -> Result<Self, StoreError> {
-        let mut options =
-            url.parse::<PgConnectOptions>().map_err(|e| StoreError::Invalid(format!("database URL: {e}")))?;
+    pub fn options(url: &str) -> Result<PgConnectOptions, StoreError> {
+        let options = url.parse::<PgConnectOptions>().map_err(|e| StoreError::Invalid(format!("database URL: {e}")))?;
         let has_user =
             url.split_once("://").is_some_and(|(_, rest)| rest.split('/').next().unwrap_or("").contains('@'));
-        if !has_user && std::env::var_os("PGUSER").is_none() {
-            if let Some(user) = os_user() {
-                options = options.username(&user);
-            }
+        if has_user || std::env::var_os("PGUSER").is_some() {
+            return Ok(options);
         }
-        let pool =
-            PgPoolOptions::new().max_connections(8).acquire_timeout(Duration::from_secs(2)).connect_lazy_with(options);
-        Ok(Self::new(pool))
+        Ok(match os_user() {
+            Some(user) => options.username(&user),
+            None => options,
+        })
     }
 
     /// This store in another schema (one database can hold several stores).
@@ -265,19 +275,24 @@ fn record(row: &PgRow) -> Result<(KeyDigest, StoredKey), StoreError> {
     let previous = previous_digests
         .iter()
         .zip(previous_ends)
-        .map(|(d, ms)| Ok(Previous { digest: digest_of(d)?, until: unix_ms::from_ms(ms.max(0).unsigned_abs()) }))
+        .map(|(d, ms)| Ok(Previous { digest: digest_of(d)?, until: from_db_ms(ms) }))
         .collect::<Result<_, StoreError>>()?;
     let key = StoredKey {
         facts: Arc::new(facts),
         enabled: row.try_get(2).map_err(backend)?,
         deleted: row.try_get(3).map_err(backend)?,
-        revision: row.try_get::<i64, _>(4).map_err(backend)?.max(0).unsigned_abs(),
+        revision: u64::try_from(row.try_get::<i64, _>(4).map_err(backend)?).unwrap_or(0),
         previous,
     };
     Ok(match row.try_get::<Option<i64>, _>(7).map_err(backend)? {
-        Some(ms) => (digest, key.grace_copy(unix_ms::from_ms(ms.max(0).unsigned_abs()))),
+        Some(ms) => (digest, key.grace_copy(from_db_ms(ms))),
         None => (digest, key),
     })
+}
+
+/// A time the database gave as milliseconds since the epoch (`bigint`; never negative here).
+fn from_db_ms(ms: i64) -> std::time::SystemTime {
+    unix_ms::from_ms(u64::try_from(ms).unwrap_or(0))
 }
 
 fn digest_of(bytes: &[u8]) -> Result<KeyDigest, StoreError> {
