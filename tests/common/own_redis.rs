@@ -9,9 +9,30 @@ pub(crate) struct OwnRedis {
     child: Option<Child>,
 }
 
-/// A free loopback port.
+/// A free loopback port for a server the test starts, taken from *below* the kernel's ephemeral range.
+///
+/// Why not `bind(":0")`: that draws from the ephemeral range, and once the probe closes, any outgoing
+/// connection (the app's, the shared Redis's clients') may take the same number as its local port, so
+/// the server's `bind` fails with "address in use" — a flaky test, seen in CI. Below the range, only
+/// servers bind, and this counter (offset by the process id, so parallel test binaries differ) never
+/// hands out one number twice in a process.
 pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let (first, span) = (10_000, low.saturating_sub(10_000).max(1_000));
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < span, "no free port below the ephemeral range");
+        let port = (first + (start + n) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 impl OwnRedis {
@@ -29,15 +50,25 @@ impl OwnRedis {
     }
 
     /// Runs `command` (a redis-server of some kind that listens on `port`) and waits until it answers.
+    ///
+    /// Panics with the server's own log if it exits or accepts no connection within 10 s, so a
+    /// failure to start reads as that, not as a refused connection later in the test.
     pub(crate) fn spawn(port: u16, command: &mut Command) -> Self {
-        let child = command.stdout(Stdio::null()).spawn().expect("redis-server is installed");
-        for _ in 0..250 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
+        let log = std::env::temp_dir().join(format!("keygate-redis-{}-{port}.log", std::process::id()));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = command.stdout(out).stderr(Stdio::null()).spawn().expect("redis-server is installed");
+        let mut own = Self { port, child: Some(child) };
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            let exited = own.child.as_mut().unwrap().try_wait().unwrap();
+            if exited.is_some() || started.elapsed() > Duration::from_secs(10) {
+                let said = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!("redis-server on port {port} did not start ({exited:?}):\n{said}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Self { port, child: Some(child) }
+        let _ = std::fs::remove_file(&log);
+        own
     }
 
     /// Runs a redis-cli command against this server and returns what it printed.
