@@ -82,7 +82,10 @@ fn measure(what: &str, n: usize) {
                 for i in 0..n {
                     let id = format!("key_{i:06}");
                     let limits = [(limit.clone(), 1)];
-                    limiter.check_now(&id, &LimitRequest { limits: &limits, usage: None }).unwrap().unwrap();
+                    limiter
+                        .check_now(&id, &LimitRequest { limits: &limits, usage: None, identity: None })
+                        .unwrap()
+                        .unwrap();
                 }
             });
             Box::new(limiter)

@@ -54,6 +54,7 @@ impl ApiKeyLayer {
             fail_open: false,
             limiter: None,
             limits: Vec::new(),
+            identity_limits: Vec::new(),
             metadata_limit: None,
             header_style: HeaderStyle::default(),
             sink: None,
@@ -109,6 +110,7 @@ pub struct ApiKeyLayerBuilder {
     fail_open: bool,
     limiter: Option<Arc<dyn Limiter>>,
     limits: Vec<RateLimit>,
+    identity_limits: Vec<RateLimit>,
     metadata_limit: Option<String>,
     header_style: HeaderStyle,
     sink: Option<Arc<dyn UsageSink>>,
@@ -204,6 +206,17 @@ impl ApiKeyLayerBuilder {
     #[must_use]
     pub fn rate_limit(mut self, limit: RateLimit) -> Self {
         self.limits.push(limit);
+        self
+    }
+
+    /// A rate limit on every gated request, per identity: all keys of one customer
+    /// ([`KeyFacts::customer_id`](crate::KeyFacts::customer_id)) count against one counter,
+    /// decided together with each key's own limits (all or nothing). A key without a customer is
+    /// an identity of its own. Keys may add an identity limit of their own
+    /// ([`KeyFacts::identity_quota`](crate::KeyFacts::identity_quota)).
+    #[must_use]
+    pub fn identity_rate_limit(mut self, limit: RateLimit) -> Self {
+        self.identity_limits.push(limit);
         self
     }
 
@@ -305,6 +318,7 @@ impl ApiKeyLayerBuilder {
                 metering: Arc::new(Metering {
                     limiter: self.limiter.unwrap_or_else(|| Arc::new(MemoryLimiter::new())),
                     sink: self.sink,
+                    identity_limits: self.identity_limits,
                 }),
                 header_style: self.header_style,
                 refusals,

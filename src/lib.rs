@@ -60,4 +60,6 @@ pub use route::{RoutePolicy, RouteTable, Unmapped};
 pub use scope::{Action, ParseScopeError, RequiredScope, Scope};
 pub use service::ApiKeyService;
 pub use verify::local::CreatedKey;
-pub use verify::{KeyFacts, KeyStatus, LocalVerifier, Verification, Verifier, VerifyError, VerifyRequest};
+pub use verify::{
+    IdentityQuota, KeyFacts, KeyStatus, LocalVerifier, Verification, Verifier, VerifyError, VerifyRequest,
+};

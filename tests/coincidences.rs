@@ -88,7 +88,9 @@ async fn the_memory_limiter_counts_a_duplicate_once() {
     let twice = [(rl.clone(), 1), (rl.clone(), 1)];
     let mut ok = 0;
     for _ in 0..30 {
-        if let Ok(states) = limiter.check_now("k", &LimitRequest { limits: &twice, usage: None }).unwrap() {
+        if let Ok(states) =
+            limiter.check_now("k", &LimitRequest { limits: &twice, usage: None, identity: None }).unwrap()
+        {
             ok += 1;
             assert_eq!(states.len(), 2, "one state per entry asked for");
             assert_eq!(states[0], states[1]);

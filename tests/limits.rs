@@ -18,7 +18,7 @@ use tower::ServiceExt;
 
 /// One check of `limits` for key `key`, with no usage.
 fn check(limiter: &MemoryLimiter, key: &str, limits: &[(RateLimit, u64)]) -> LimitVerdict {
-    limiter.check_now(key, &LimitRequest { limits, usage: None }).unwrap()
+    limiter.check_now(key, &LimitRequest { limits, usage: None, identity: None }).unwrap()
 }
 
 fn paused_runtime() -> tokio::runtime::Runtime {

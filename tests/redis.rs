@@ -110,7 +110,7 @@ async fn a_denied_limit_consumes_nothing_from_the_other() {
     let wide = RateLimit::per_minute("wide", 10).unwrap();
     let narrow = RateLimit::per_minute("narrow", 2).unwrap();
     let both = [(wide.clone(), 1), (narrow.clone(), 1)];
-    let check = |limits: &[(RateLimit, u64)]| limiter.check("k", &LimitRequest { limits, usage: None });
+    let check = |limits: &[(RateLimit, u64)]| limiter.check("k", &LimitRequest { limits, usage: None, identity: None });
     assert!(check(&both).await.unwrap().is_ok());
     assert!(check(&both).await.unwrap().is_ok());
     for _ in 0..5 {
@@ -253,7 +253,9 @@ async fn the_same_limit_twice_is_one_limit_in_redis() {
     let twice = [(rl.clone(), 1), (rl.clone(), 1)];
     let mut remaining = Vec::new();
     for _ in 0..10 {
-        if let Ok(states) = limiter.check("k", &LimitRequest { limits: &twice, usage: None }).await.unwrap() {
+        if let Ok(states) =
+            limiter.check("k", &LimitRequest { limits: &twice, usage: None, identity: None }).await.unwrap()
+        {
             assert_eq!(states.len(), 2);
             remaining.push(states[0].remaining);
         }

@@ -5,7 +5,7 @@ mod metadata;
 
 pub use metadata::Metadata;
 
-use crate::limit::RateLimit;
+use crate::limit::{RateLimit, Refill};
 use crate::scope::Scope;
 use serde::{Deserialize, Serialize};
 use std::time::SystemTime;
@@ -59,6 +59,11 @@ pub struct KeyFacts {
     pub rate_limit: Option<Box<RateLimit>>,
     /// The key's usage allowance in total (local verifier); Oneloop keys use `billing` instead.
     pub usage_limit: Option<u64>,
+    /// When `usage_limit` refills (counts from zero again), if it does.
+    pub usage_refill: Option<Refill>,
+    /// Limits and an allowance the key shares with every key of its identity (its customer, or
+    /// the key alone if it has none). Boxed: most keys have none.
+    pub identity_quota: Option<Box<IdentityQuota>>,
     /// Set when the presented key was rotated away: it keeps working until then (its grace
     /// window), and is refused as `EXPIRED` after. Stores set it on the record they find by an old
     /// key; it is never stored as a fact of the key itself.
@@ -121,6 +126,27 @@ impl KeyFacts {
         self
     }
 
+    /// These facts with a usage allowance that refills on `refill`'s schedule.
+    #[must_use]
+    pub fn with_usage_refill(mut self, refill: Refill) -> Self {
+        self.usage_refill = Some(refill);
+        self
+    }
+
+    /// These facts with limits shared by every key of the key's identity.
+    #[must_use]
+    pub fn with_identity_quota(mut self, quota: IdentityQuota) -> Self {
+        self.identity_quota = Some(Box::new(quota));
+        self
+    }
+
+    /// The identity the key's shared counters belong to: its customer, or, without one, the key
+    /// itself (kept apart from key ids, so it never meets another key's identity).
+    #[must_use]
+    pub fn identity(&self) -> &str {
+        self.customer_id.as_deref().unwrap_or(&self.id)
+    }
+
     /// When the presented key stops working, if ever: its expiry or the end of its grace
     /// window, whichever comes first.
     #[must_use]
@@ -135,6 +161,48 @@ impl KeyFacts {
     #[must_use]
     pub fn is_expired_at(&self, now: SystemTime) -> bool {
         self.ends_at().is_some_and(|at| now >= at)
+    }
+}
+
+#[doc = include_str!("../../docs/identity_quota.md")]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct IdentityQuota {
+    /// A rate limit on all of the identity's keys together.
+    pub rate_limit: Option<RateLimit>,
+    /// A usage allowance all of its keys spend from.
+    pub usage_limit: Option<u64>,
+    /// When that allowance refills, if it does.
+    pub usage_refill: Option<Refill>,
+}
+
+impl IdentityQuota {
+    /// No limit, no allowance.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// This quota with a rate limit on all of the identity's keys together.
+    #[must_use]
+    pub fn rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rate_limit = Some(limit);
+        self
+    }
+
+    /// This quota with a usage allowance all of the identity's keys spend from.
+    #[must_use]
+    pub fn usage_limit(mut self, amount: u64) -> Self {
+        self.usage_limit = Some(amount);
+        self
+    }
+
+    /// This quota's allowance refilling on `refill`'s schedule.
+    #[must_use]
+    pub fn usage_refill(mut self, refill: Refill) -> Self {
+        self.usage_refill = Some(refill);
+        self
     }
 }
 

@@ -7,12 +7,12 @@ use crate::context::VerifiedKey;
 use crate::facts::KeyFacts;
 use crate::key::ApiKey;
 use crate::limit::{
-    self, HeaderStyle, LimitRequest, LimitState, LimitVerdict, RateLimit, RateLimitHeaders, Refusal, UsageCharge,
+    self, HeaderStyle, IdentityLimits, LimitRequest, LimitState, LimitVerdict, RateLimit, RateLimitHeaders, Refusal,
 };
 use crate::outage::Outage;
 use crate::reject::Rejection;
 use crate::route::RouteEntry;
-use crate::usage::{allowance, Metering, RouteUsage, UsageHandle, UsageOf};
+use crate::usage::{allowance, identity_allowance, Metering, RouteUsage, UsageHandle, UsageOf};
 use crate::verify::ReportedLimit;
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -49,7 +49,9 @@ impl Enforce {
         // Nothing to count or charge (the common case without limits): no limiter, no headers. The
         // entry's limits already hold the layer's and the route's.
         let key_limited = self.metadata_limit.is_some() || facts.rate_limit.is_some();
-        if entry.limits.is_empty() && !key_limited && entry.policy.usage.is_none() && counted.is_none() {
+        let identity = self.metering.identity_of(&facts);
+        let nothing = entry.limits.is_empty() && !key_limited && identity.is_none();
+        if nothing && entry.policy.usage.is_none() && counted.is_none() {
             key.set_usage(UsageHandle::new(self.metering.clone(), facts, raw));
             return Admission::Pass((Some(key), None));
         }
@@ -59,13 +61,18 @@ impl Enforce {
             remaining: state.remaining,
             reset: state.reset_at.duration_since(SystemTime::now()).unwrap_or_default(),
         });
-        let charge = usage.as_ref().filter(|u| u.amount > 0).and_then(|u| {
-            let (allowed, reported) = allowance(&facts)?;
-            Some(UsageCharge { allowed, reported, amount: u.amount })
+        let amount = usage.as_ref().map_or(0, |u| u.amount);
+        let charge = (amount > 0).then(|| allowance(&facts, amount)).flatten();
+        let shared_limits = identity.map(|_| self.identity_limits_for(&facts, entry)).unwrap_or_default();
+        let identity = identity.map(|id| IdentityLimits {
+            id,
+            limits: &shared_limits,
+            usage: (amount > 0).then(|| identity_allowance(&facts, amount)).flatten(),
         });
         key.set_usage(UsageHandle::new(self.metering.clone(), facts.clone(), raw));
         let limits = self.limits_for(&facts, entry, counted.is_some());
-        if limits.is_empty() && charge.is_none() {
+        let request = LimitRequest { limits: &limits, usage: charge, identity };
+        if request.is_empty() {
             self.record(&key, usage.as_ref());
             let states: Vec<LimitState> = upstream.into_iter().collect();
             let headers = RateLimitHeaders::new(self.header_style, &states);
@@ -93,7 +100,6 @@ impl Enforce {
                 Err(this.refusals.unavailable())
             }
         };
-        let request = LimitRequest { limits: &limits, usage: charge };
         match self.metering.limiter.check_now(&facts.id, &request) {
             Some(verdict) => match finish(self, Ok(verdict)) {
                 Ok(passed) => Admission::Pass(passed),
@@ -137,6 +143,13 @@ impl Enforce {
             }
         }
         Cow::Owned(limits)
+    }
+
+    /// The identity's limits (the layer's, then the key's own), each at the route's cost.
+    fn identity_limits_for(&self, facts: &KeyFacts, entry: &RouteEntry) -> Vec<(RateLimit, u64)> {
+        let cost = entry.policy.cost;
+        let own = facts.identity_quota.as_deref().and_then(|q| q.rate_limit.as_ref());
+        self.metering.identity_limits.iter().chain(own).map(|l| (l.clone(), cost)).collect()
     }
 
     fn record(&self, key: &VerifiedKey, usage: Option<&RouteUsage>) {

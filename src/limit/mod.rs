@@ -1,16 +1,20 @@
 #![doc = include_str!("../../docs/limits.md")]
 
+mod clock;
 mod headers;
 mod ledger;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
+mod refill;
 mod window;
 
+pub use clock::WallClock;
 pub use headers::HeaderStyle;
 pub use memory::MemoryLimiter;
 #[cfg(feature = "redis")]
 pub use redis::{Fallback, RedisLimiter};
+pub use refill::{InvalidRefill, Refill};
 
 pub(crate) use headers::{most_restrictive, RateLimitHeaders};
 
@@ -218,6 +222,9 @@ pub struct UsageCharge {
     pub reported: u128,
     /// What this request takes.
     pub amount: u64,
+    /// When the allowance refills (counts from zero again), if it does; the limiter decides the
+    /// period by its [`WallClock`].
+    pub refill: Option<Refill>,
 }
 
 #[doc = include_str!("../../docs/limit_request.md")]
@@ -227,6 +234,57 @@ pub struct LimitRequest<'a> {
     pub limits: &'a [(RateLimit, u64)],
     /// The usage to take, if the request has any and the key an allowance.
     pub usage: Option<UsageCharge>,
+    /// The identity the key belongs to, with the limits and allowance all of its keys share; set
+    /// for every request of a key that has identity limits, so its counters stay in one place.
+    pub identity: Option<IdentityLimits<'a>>,
+}
+
+#[doc = include_str!("../../docs/identity_limits.md")]
+#[derive(Debug, Clone, Copy)]
+pub struct IdentityLimits<'a> {
+    /// The identity (the key's customer; the key's own id, apart from key ids, if it has none).
+    pub id: &'a str,
+    /// Its rate limits and the request's cost against each. One counter per name and window: a
+    /// limit that two keys declare with different sizes is one counter, each held to its own size.
+    pub limits: &'a [(RateLimit, u64)],
+    /// The usage to take from its allowance, if the request has usage and the identity an allowance.
+    pub usage: Option<UsageCharge>,
+}
+
+impl LimitRequest<'_> {
+    /// Whether the request asks for nothing: no limit, no usage, of the key or its identity.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.limits.is_empty()
+            && self.usage.is_none()
+            && self.identity.is_none_or(|i| i.limits.is_empty() && i.usage.is_none())
+    }
+}
+
+/// Whether two limits of an identity are one counter: the same name and window.
+pub(crate) fn same_counter(a: &RateLimit, b: &RateLimit) -> bool {
+    a.window == b.window && a.name == b.name
+}
+
+/// An identity's distinct counters: limits of one name and window are one counter, held to the
+/// smallest size asked, at the highest cost. Borrowed when nothing repeats.
+pub(crate) fn distinct_counters(limits: &[(RateLimit, u64)]) -> Cow<'_, [(RateLimit, u64)]> {
+    let repeats = |i: usize| limits[..i].iter().any(|(l, _)| same_counter(l, &limits[i].0));
+    if !(1..limits.len()).any(repeats) {
+        return Cow::Borrowed(limits);
+    }
+    let mut once: Vec<(RateLimit, u64)> = Vec::with_capacity(limits.len());
+    for (limit, cost) in limits {
+        match once.iter_mut().find(|(l, _)| same_counter(l, limit)) {
+            Some((l, c)) => {
+                *c = (*c).max(*cost);
+                if limit.limit < l.limit {
+                    *l = limit.clone();
+                }
+            }
+            None => once.push((limit.clone(), *cost)),
+        }
+    }
+    Cow::Owned(once)
 }
 
 #[doc = include_str!("../../docs/refusal.md")]
@@ -239,8 +297,9 @@ pub enum Refusal {
     Usage,
 }
 
-/// The limiter's verdict on one request: the state of each limit it was asked about (in the order
-/// asked, one per entry even where an entry repeats another), or the refusal.
+/// The limiter's verdict on one request: the state of each of the key's limits it was asked about
+/// (in the order asked, one per entry even where an entry repeats another), then of each of the
+/// identity's counters, or the refusal.
 pub type LimitVerdict = Result<Vec<LimitState>, Refusal>;
 
 /// The distinct limits of a request: a limit listed twice is one limit, taken at the higher cost.
@@ -315,9 +374,10 @@ pub trait Limiter: Send + Sync + 'static {
     /// Decides, with whatever I/O it takes.
     fn check(&self, key_id: &str, request: &LimitRequest<'_>) -> BoxFuture<'static, Result<LimitVerdict, LimitError>>;
 
-    /// Counts usage that already happened (added by a handler after the fact): never refused, never
-    /// waited for.
-    fn charge(&self, key_id: &str, amount: u64);
+    /// Counts usage that already happened (added by a handler after the fact): the `amount` of
+    /// `request.usage` against the key's allowance and of its identity's usage against the
+    /// identity's; its limits are not read. Never refused, never waited for.
+    fn charge(&self, key_id: &str, request: &LimitRequest<'_>);
 }
 
 impl<L: Limiter + ?Sized> Limiter for Arc<L> {
@@ -329,8 +389,8 @@ impl<L: Limiter + ?Sized> Limiter for Arc<L> {
         (**self).check(key_id, request)
     }
 
-    fn charge(&self, key_id: &str, amount: u64) {
-        (**self).charge(key_id, amount)
+    fn charge(&self, key_id: &str, request: &LimitRequest<'_>) {
+        (**self).charge(key_id, request)
     }
 }
 

@@ -13,6 +13,9 @@
 //! metadata = { plan = "pro" }   # optional, string values
 //! rate_limit = { limit = 100, window_secs = 60 }   # optional, the key's own rate limit
 //! usage_limit = 10000           # optional, total usage allowed
+//! usage_refill = "monthly:1"    # optional: `daily`, `monthly:<day>`, `every:<n>s`
+//! # optional: limits all keys of the customer share
+//! identity_quota = { rate_limit = { name = "customer", limit = 1000 }, usage_limit = 50000, usage_refill = "daily" }
 //! deleted = false               # optional, default false
 //! # optional: secrets rotated away that still work until `until` (Unix seconds)
 //! previous = [{ digest = "sha256:…", until = 1798761600 }]
@@ -21,9 +24,9 @@
 //! The `keygate` command-line tool (feature `cli`) writes such files with digests only.
 
 use super::{Previous, StoredKey};
-use crate::facts::KeyFacts;
+use crate::facts::{IdentityQuota, KeyFacts};
 use crate::key::KeyDigest;
-use crate::limit::RateLimit;
+use crate::limit::{RateLimit, Refill};
 use crate::scope::Scope;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -79,6 +82,8 @@ struct Entry {
     metadata: BTreeMap<String, String>,
     rate_limit: Option<RateLimit>,
     usage_limit: Option<u64>,
+    usage_refill: Option<Refill>,
+    identity_quota: Option<IdentityQuota>,
     #[serde(default)]
     deleted: bool,
     #[serde(default)]
@@ -115,6 +120,10 @@ struct WrittenEntry<'a> {
     rate_limit: Option<&'a RateLimit>,
     #[serde(skip_serializing_if = "Option::is_none")]
     usage_limit: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage_refill: Option<Refill>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    identity_quota: Option<&'a IdentityQuota>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     previous: Vec<PreviousEntry>,
 }
@@ -188,6 +197,8 @@ impl KeyFile {
                     customer_id: entry.customer_id.clone(),
                     rate_limit: entry.rate_limit.clone().map(Box::new),
                     usage_limit: entry.usage_limit,
+                    usage_refill: entry.usage_refill,
+                    identity_quota: entry.identity_quota.clone().map(Box::new),
                     ..KeyFacts::default()
                 };
                 let previous = entry
@@ -245,6 +256,8 @@ impl KeyFile {
                 metadata: k.facts.metadata.iter().collect(),
                 rate_limit: k.facts.rate_limit.as_deref(),
                 usage_limit: k.facts.usage_limit,
+                usage_refill: k.facts.usage_refill,
+                identity_quota: k.facts.identity_quota.as_deref(),
                 previous: k
                     .previous
                     .iter()

@@ -2,7 +2,7 @@
 
 use crate::facts::KeyFacts;
 use crate::key::ApiKey;
-use crate::limit::Limiter;
+use crate::limit::{IdentityLimits, LimitRequest, Limiter, RateLimit, UsageCharge};
 use std::fmt;
 use std::sync::Arc;
 
@@ -47,14 +47,21 @@ impl<S: UsageSink + ?Sized> UsageSink for Arc<S> {
     }
 }
 
-/// What a key may still use, as `(allowed in total, used as its verifier last reported)`;
-/// `None` when it is unlimited.
-pub(crate) fn allowance(facts: &KeyFacts) -> Option<(u128, u128)> {
-    match &facts.billing {
-        Some(m) if m.allow_overages => m.spend_cap.map(|cap| (cap, m.used_credits)),
-        Some(m) => Some((m.total_credits, m.used_credits)),
-        None => facts.usage_limit.map(|limit| (u128::from(limit), 0)),
-    }
+/// What `amount` takes from a key's allowance (what it may use, what its verifier last reported
+/// as used, when it refills); `None` when it is unlimited.
+pub(crate) fn allowance(facts: &KeyFacts, amount: u64) -> Option<UsageCharge> {
+    let (allowed, reported, refill) = match &facts.billing {
+        Some(m) if m.allow_overages => (m.spend_cap?, m.used_credits, None),
+        Some(m) => (m.total_credits, m.used_credits, None),
+        None => (u128::from(facts.usage_limit?), 0, facts.usage_refill),
+    };
+    Some(UsageCharge { allowed, reported, amount, refill })
+}
+
+/// What `amount` takes from the allowance the key's identity shares; `None` when it has none.
+pub(crate) fn identity_allowance(facts: &KeyFacts, amount: u64) -> Option<UsageCharge> {
+    let quota = facts.identity_quota.as_deref()?;
+    Some(UsageCharge { allowed: u128::from(quota.usage_limit?), reported: 0, amount, refill: quota.usage_refill })
 }
 
 /// The layer's counters and where usage is reported: the limiter keeps rate limits and usage
@@ -62,9 +69,17 @@ pub(crate) fn allowance(facts: &KeyFacts) -> Option<(u128, u128)> {
 pub(crate) struct Metering {
     pub(crate) limiter: Arc<dyn Limiter>,
     pub(crate) sink: Option<Arc<dyn UsageSink>>,
+    /// Limits on every identity.
+    pub(crate) identity_limits: Vec<RateLimit>,
 }
 
 impl Metering {
+    /// The identity whose counters a key shares, if the layer or the key gives it limits: every
+    /// request of such a key names it, so the key's counters stay in one place.
+    pub(crate) fn identity_of<'f>(&self, facts: &'f KeyFacts) -> Option<&'f str> {
+        (!self.identity_limits.is_empty() || facts.identity_quota.is_some()).then(|| facts.identity())
+    }
+
     /// Records usage with the sink (never refused: the allowance was checked by the limiter).
     pub(crate) fn record(&self, of: UsageOf<'_>, name: Option<&str>, amount: u64) {
         if amount == 0 {
@@ -111,7 +126,15 @@ impl UsageHandle {
     /// allowance for later requests (it is never refused: the work is done) and reported.
     pub fn add(&self, name: &str, amount: u64) {
         let Some(h) = &self.inner else { return };
-        h.metering.limiter.charge(&h.facts.id, amount);
+        let identity = h.metering.identity_of(&h.facts).map(|id| IdentityLimits {
+            id,
+            limits: &[],
+            usage: identity_allowance(&h.facts, amount),
+        });
+        let charged = LimitRequest { limits: &[], usage: allowance(&h.facts, amount), identity };
+        if amount > 0 && !charged.is_empty() {
+            h.metering.limiter.charge(&h.facts.id, &charged);
+        }
         let of = UsageOf { key_id: &h.facts.id, key: h.key.as_ref() };
         h.metering.record(of, Some(name).filter(|n| !n.is_empty()), amount);
     }

@@ -9,7 +9,7 @@
 
 pub mod local;
 
-pub use crate::facts::{BillingMeter, KeyFacts, KeyStatus, Metadata};
+pub use crate::facts::{BillingMeter, IdentityQuota, KeyFacts, KeyStatus, Metadata};
 pub use local::LocalVerifier;
 
 use crate::key::{ApiKey, KeyDigest, PresentedKey};

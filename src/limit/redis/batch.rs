@@ -9,7 +9,7 @@
 //! in the batch's record, exactly as before batching.
 
 use super::scripts::{script, Script};
-use super::{NoAnswer, Shared};
+use super::{NoAnswer, Owner, Shared};
 use crate::limit::{Denied, LimitState, LimitVerdict, RateLimit, Refusal, UsageCharge};
 use crate::lock::lock;
 use std::sync::atomic::Ordering;
@@ -23,11 +23,40 @@ const MAX_BATCH: usize = 128;
 /// together in the next: the busier Redis is, the larger the batches.
 const IN_FLIGHT: usize = 2;
 
-/// One request's decision: its key, its distinct limits with their costs, its usage.
+/// One request's decision: its key and identity, their distinct limits with their costs, its usage.
 pub(super) struct Decision {
     pub(super) key_id: Box<str>,
+    pub(super) identity: Option<Box<str>>,
     pub(super) limits: Vec<(RateLimit, u64)>,
-    pub(super) usage: Option<UsageCharge>,
+    /// The identity's counters.
+    pub(super) shared: Vec<(RateLimit, u64)>,
+    /// The usage hashes it charges (the key's, then the identity's), with the refill period now.
+    pub(super) usage: Vec<(String, UsageCharge, u64)>,
+    /// The usage asked of the key and of its identity, for the fallback.
+    pub(super) request_usage: [Option<UsageCharge>; 2],
+}
+
+impl Decision {
+    pub(super) fn owner(&self) -> Owner<'_> {
+        Owner { key_id: &self.key_id, identity: self.identity.as_deref() }
+    }
+
+    /// The hash tag all of its keys share.
+    pub(super) fn tag(&self) -> &str {
+        self.identity.as_deref().unwrap_or(&self.key_id)
+    }
+
+    /// Its counters, in the order of its limits: the key's, then the identity's.
+    pub(super) fn counters<'d>(&'d self, shared: &'d Shared) -> impl Iterator<Item = String> + 'd {
+        let mine = self.limits.iter().map(move |(l, _)| shared.counter(self.owner(), l));
+        let theirs = self.shared.iter().map(move |(l, _)| shared.identity_counter(self.tag(), l));
+        mine.chain(theirs)
+    }
+
+    /// Its limits, the key's then the identity's.
+    pub(super) fn all_limits(&self) -> impl Iterator<Item = &(RateLimit, u64)> {
+        self.limits.iter().chain(&self.shared)
+    }
 }
 
 /// Where a queued decision is: what its requester needs to know to take it back.
@@ -91,7 +120,7 @@ impl Shared {
         *queue = Some(sender);
     }
 
-    /// Sends one batch (on a Cluster, one per key id: a script's keys must live on one node) and
+    /// Sends one batch (on a Cluster, one per hash tag: a script's keys must live on one node) and
     /// answers each of its requests.
     async fn send(self: Arc<Self>, batch: Vec<Pending>) {
         if self.conn.topology() != "cluster" {
@@ -99,7 +128,7 @@ impl Shared {
         }
         let mut groups: Vec<Vec<Pending>> = Vec::new();
         for p in batch {
-            match groups.iter_mut().find(|g| g[0].decision.key_id == p.decision.key_id) {
+            match groups.iter_mut().find(|g| g[0].decision.tag() == p.decision.tag()) {
                 Some(group) => group.push(p),
                 None => groups.push(vec![p]),
             }
@@ -113,7 +142,7 @@ impl Shared {
     async fn run(self: Arc<Self>, batch: Vec<Pending>) {
         let id = self.batches.fetch_add(1, Ordering::Relaxed);
         let record: Arc<str> =
-            format!("{}:{{{}}}:op:{:x}.{id:x}", self.prefix, batch[0].decision.key_id, self.instance).into();
+            format!("{}:{{{}}}:op:{:x}.{id:x}", self.prefix, batch[0].decision.tag(), self.instance).into();
         let mut sent = Vec::with_capacity(batch.len());
         for p in batch {
             let mut ticket = lock(&p.ticket);
@@ -151,16 +180,18 @@ impl Shared {
         let mut invocation = script(Script::Decide).prepare_invoke();
         invocation.key(record).arg(self.ttl_ms());
         for Pending { decision: d, .. } in batch {
-            for (limit, _) in &d.limits {
-                invocation.key(self.counter(&d.key_id, limit));
+            for counter in d.counters(self) {
+                invocation.key(counter);
             }
-            invocation.arg(d.limits.len()).arg(u8::from(d.usage.is_some()));
-            for (limit, cost) in &d.limits {
+            for (key, _, _) in &d.usage {
+                invocation.key(key);
+            }
+            invocation.arg(d.limits.len() + d.shared.len()).arg(d.usage.len());
+            for (limit, cost) in d.all_limits() {
                 invocation.arg(limit.limit()).arg(window_ms(limit)).arg(*cost);
             }
-            if let Some(u) = d.usage {
-                invocation.key(self.usage_key(&d.key_id));
-                invocation.arg(lua_number(u.allowed)).arg(lua_number(u.reported)).arg(u.amount);
+            for (_, u, period) in &d.usage {
+                invocation.arg(lua_number(u.allowed)).arg(lua_number(u.reported)).arg(u.amount).arg(*period);
             }
         }
         let reply: String = self.conn.write(&invocation).await?;
@@ -183,23 +214,25 @@ impl Shared {
 
     /// One entry's verdict from its part of the script's reply.
     fn verdict(&self, d: &Decision, reply: &[i64]) -> redis::RedisResult<Answer> {
+        let n = d.limits.len() + d.shared.len();
         Ok(Ok(match reply {
-            [1, spent, rest @ ..] if rest.len() == 2 * d.limits.len() => {
+            [1, m, rest @ ..] if *m as usize == d.usage.len() && rest.len() == d.usage.len() + 2 * n => {
+                let (spent, windows) = rest.split_at(d.usage.len());
                 let states: Vec<LimitState> = d
-                    .limits
-                    .iter()
-                    .zip(rest.chunks_exact(2))
+                    .all_limits()
+                    .zip(windows.chunks_exact(2))
                     .map(|((limit, _), r)| LimitState {
                         limit: limit.clone(),
                         remaining: r[0].max(0) as u64,
                         reset: ms(r[1]),
                     })
                     .collect();
-                self.remember(&d.key_id, &states, u128::try_from(*spent).ok());
+                self.remember(d, &states, spent);
                 Ok(states)
             }
-            [0, 1, i, wait] if (1..=d.limits.len() as i64).contains(i) => {
-                let limit = d.limits[*i as usize - 1].0.clone();
+            [0, 1, i, wait] if (1..=n as i64).contains(i) => {
+                let limit =
+                    d.all_limits().nth(*i as usize - 1).map(|(l, _)| l.clone()).ok_or_else(|| unexpected(reply))?;
                 Err(Refusal::Rate(Denied { limit, retry_after: ms(*wait) }))
             }
             [0, 2, ..] => Err(Refusal::Usage),
@@ -214,11 +247,11 @@ impl Shared {
     /// gone by then).
     async fn cancel(self: Arc<Self>, d: Arc<Decision>, record: Arc<str>, entry: u32) {
         let mut invocation = script(Script::Cancel).prepare_invoke();
-        for (limit, _) in &d.limits {
-            invocation.key(self.counter(&d.key_id, limit));
+        for counter in d.counters(&self) {
+            invocation.key(counter);
         }
-        if d.usage.is_some() {
-            invocation.key(self.usage_key(&d.key_id));
+        for (key, _, _) in &d.usage {
+            invocation.key(key);
         }
         invocation.key(&*record).arg(entry).arg(self.ttl_ms());
         let give_up = tokio::time::Instant::now() + self.reconcile_window;

@@ -2,25 +2,31 @@
 //! in memory, mirrored from Redis's last answers, and what it admits is owed to the shared
 //! counters until Redis takes it.
 
+use super::batch::Decision;
 use super::scripts::{script, Script};
 use super::{Fallback, Shared};
-use crate::limit::{LimitError, LimitRequest, LimitState, LimitVerdict, Limiter, RateLimit};
+use crate::limit::ledger::Whose;
+use crate::limit::{IdentityLimits, LimitError, LimitRequest, LimitState, LimitVerdict, Limiter, RateLimit};
 use crate::lock::lock;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// What the fallback admitted for one key id, to add to Redis's counters.
-#[derive(Default)]
+/// What the fallback admitted for the keys under one hash tag, to add to Redis's counters.
+#[derive(Default, Clone)]
 pub(super) struct Debt {
-    limits: Vec<(RateLimit, u64)>,
-    usage: u64,
+    /// Per counter, the cost admitted.
+    counters: Vec<(String, u64)>,
+    /// Per usage hash and refill period, the amount admitted.
+    usage: Vec<(String, u64, u64)>,
+    /// Whose local usage counts to forget once Redis has taken them.
+    ledgers: Vec<(Whose, Box<str>)>,
 }
 
 impl Shared {
     /// With a local fallback, mirrors Redis's answer into this instance's share of each limit and
     /// balance, so the fallback starts from what Redis said was left.
-    pub(super) fn remember(&self, key_id: &str, states: &[LimitState], spent: Option<u128>) {
+    pub(super) fn remember(&self, d: &Decision, states: &[LimitState], spent: &[i64]) {
         let Fallback::Local { instances } = self.fallback else { return };
         let n = u64::from(instances.max(1));
         let shares: Vec<(RateLimit, u64, Duration)> = states
@@ -31,24 +37,21 @@ impl Shared {
                 (share.clone(), share.limit() - left, s.reset)
             })
             .collect();
-        self.local.mirror(key_id, &shares);
-        if let Some(spent) = spent {
-            let mut known = lock(&self.spent);
-            match known.get_mut(key_id) {
+        let (mine, theirs) = shares.split_at(d.limits.len().min(shares.len()));
+        self.local.mirror(&d.key_id, d.identity.as_deref(), mine, theirs);
+        let mut known = lock(&self.spent);
+        for ((key, _, _), spent) in d.usage.iter().zip(spent) {
+            let spent = u128::try_from(*spent).unwrap_or(0);
+            match known.get_mut(key.as_str()) {
                 Some(known) => *known = spent,
-                None => drop(known.insert(key_id.into(), spent)),
+                None => drop(known.insert(key.as_str().into(), spent)),
             }
         }
     }
 
     /// The fallback's decision, counted; what it admits is owed to the shared counters, and a
     /// task pays that as soon as Redis answers again.
-    pub(super) fn fall_back(
-        self: &Arc<Self>,
-        key_id: &str,
-        request: &LimitRequest<'_>,
-        why: String,
-    ) -> Result<LimitVerdict, LimitError> {
+    pub(super) fn fall_back(self: &Arc<Self>, d: &Decision, why: String) -> Result<LimitVerdict, LimitError> {
         self.fallbacks.fetch_add(1, Ordering::Relaxed);
         let Fallback::Local { instances } = self.fallback else {
             crate::observe::limiter_fallback("fail_closed");
@@ -59,27 +62,49 @@ impl Shared {
         self.outage.failed(&why);
         tracing::debug!(%why, "keygate: Redis unavailable; deciding with local limits");
         let n = u64::from(instances.max(1));
-        let limits: Vec<(RateLimit, u64)> = request.limits.iter().map(|(l, cost)| (share(l, n), *cost)).collect();
-        let usage = request.usage.map(|mut u| {
-            let spent = lock(&self.spent).get(key_id).copied();
+        let scaled = |limits: &[(RateLimit, u64)]| -> Vec<(RateLimit, u64)> {
+            limits.iter().map(|(l, cost)| (share(l, n), *cost)).collect()
+        };
+        let (limits, shared) = (scaled(&d.limits), scaled(&d.shared));
+        // Each usage hash in `d.usage` is, in order, the key's then the identity's.
+        let mut hashes = d.usage.iter();
+        let [mine, theirs] = d.request_usage.map(|u| {
+            let mut u = u?;
+            let (key, ..) = hashes.next()?;
+            let spent = lock(&self.spent).get(key.as_str()).copied();
             let spent = spent.unwrap_or(0).max(u.reported);
             // This instance's share of what was left, counted from zero by the local ledger.
             u.allowed = u.allowed.saturating_sub(spent) / u128::from(n);
             u.reported = 0;
-            u
+            Some(u)
         });
-        let verdict =
-            self.local.check_now(key_id, &LimitRequest { limits: &limits, usage }).expect("memory decides now");
+        let identity = d.identity.as_deref().map(|id| IdentityLimits { id, limits: &shared, usage: theirs });
+        let request = LimitRequest { limits: &limits, usage: mine, identity };
+        let verdict = self.local.check_now(&d.key_id, &request).expect("memory decides now");
         if verdict.is_ok() {
             let mut debts = lock(&self.debts);
-            let debt = debts.entry(key_id.into()).or_default();
-            for (limit, cost) in request.limits {
-                match debt.limits.iter_mut().find(|(l, _)| l == limit) {
+            let debt = match debts.get_mut(d.tag()) {
+                Some(debt) => debt,
+                None => debts.entry(d.tag().into()).or_default(),
+            };
+            for (counter, (_, cost)) in d.counters(self).zip(d.all_limits()) {
+                match debt.counters.iter_mut().find(|(c, _)| *c == counter) {
                     Some((_, owed)) => *owed = owed.saturating_add(*cost),
-                    None => debt.limits.push((limit.clone(), *cost)),
+                    None => debt.counters.push((counter, *cost)),
                 }
             }
-            debt.usage = debt.usage.saturating_add(request.usage.map_or(0, |u| u.amount));
+            for (key, u, period) in &d.usage {
+                match debt.usage.iter_mut().find(|(k, p, _)| k == key && p == period) {
+                    Some((_, _, owed)) => *owed = owed.saturating_add(u.amount),
+                    None => debt.usage.push((key.clone(), *period, u.amount)),
+                }
+            }
+            let whose = [(Whose::Key, Some(&*d.key_id)), (Whose::Identity, d.identity.as_deref())];
+            for (whose, id) in whose {
+                if let Some(id) = id.filter(|id| !debt.ledgers.iter().any(|(w, i)| *w == whose && **i == **id)) {
+                    debt.ledgers.push((whose, id.into()));
+                }
+            }
             self.owes.store(true, Ordering::Release);
         }
         if self.owes.load(Ordering::Acquire) && !self.payer.swap(true, Ordering::AcqRel) {
@@ -116,38 +141,41 @@ impl Shared {
             return Ok(());
         }
         let Ok(_paying) = self.paying.try_lock() else { return Ok(()) };
-        let owed: Vec<(Box<str>, Debt)> = {
-            let debts = lock(&self.debts);
-            debts.iter().map(|(id, d)| (id.clone(), Debt { limits: d.limits.clone(), usage: d.usage })).collect()
-        };
-        for (key_id, Debt { limits, usage }) in owed {
+        let owed: Vec<(Box<str>, Debt)> = lock(&self.debts).iter().map(|(t, d)| (t.clone(), d.clone())).collect();
+        for (tag, paid) in owed {
             let mut invocation = script(Script::Reconcile).prepare_invoke();
-            for (limit, _) in &limits {
-                invocation.key(self.counter(&key_id, limit));
+            invocation.arg(paid.counters.len());
+            for (counter, cost) in &paid.counters {
+                invocation.key(counter).arg(*cost);
             }
-            invocation.key(self.usage_key(&key_id));
-            invocation.arg(limits.len());
-            for (_, cost) in &limits {
-                invocation.arg(*cost);
+            for (key, period, amount) in &paid.usage {
+                invocation.key(key).arg(*amount).arg(*period);
             }
-            invocation.arg(usage);
             self.conn.write::<i64>(&invocation).await?;
             // Paid: off the books, less anything the fallback admitted meanwhile.
             let mut debts = lock(&self.debts);
-            if let Some(debt) = debts.get_mut(&key_id) {
-                for (limit, paid) in &limits {
-                    if let Some((_, c)) = debt.limits.iter_mut().find(|(l, _)| l == limit) {
-                        *c = c.saturating_sub(*paid);
+            if let Some(debt) = debts.get_mut(&tag) {
+                for (counter, cost) in &paid.counters {
+                    if let Some((_, c)) = debt.counters.iter_mut().find(|(k, _)| k == counter) {
+                        *c = c.saturating_sub(*cost);
                     }
                 }
-                debt.limits.retain(|(_, c)| *c > 0);
-                debt.usage = debt.usage.saturating_sub(usage);
-                if debt.limits.is_empty() && debt.usage == 0 {
-                    debts.remove(&key_id);
+                debt.counters.retain(|(_, c)| *c > 0);
+                for (key, period, amount) in &paid.usage {
+                    if let Some((.., a)) = debt.usage.iter_mut().find(|(k, p, _)| k == key && p == period) {
+                        *a = a.saturating_sub(*amount);
+                    }
+                }
+                debt.usage.retain(|(.., a)| *a > 0);
+                if debt.counters.is_empty() && debt.usage.is_empty() {
+                    debts.remove(&tag);
                 }
             }
+            drop(debts);
             // Redis counts the fallback's usage now: the local share starts again from its word.
-            self.local.forget_usage(&key_id);
+            for (whose, id) in &paid.ledgers {
+                self.local.forget_usage(*whose, id);
+            }
         }
         let mut debts = lock(&self.debts);
         if debts.is_empty() {

@@ -193,7 +193,7 @@ impl Shared {
     ) -> redis::RedisResult<()> {
         let mut invocation = script(Script::Reserve).prepare_invoke();
         for (limit, want) in wanted {
-            invocation.key(self.counter(key_id, limit));
+            invocation.key(self.counter(super::Owner { key_id, identity: None }, limit));
             invocation.arg(limit.limit()).arg(window_ms(limit)).arg(*want);
         }
         let sent = Instant::now();

@@ -9,12 +9,13 @@ mod fallback;
 mod lease;
 mod scripts;
 
-use super::{LimitError, LimitRequest, LimitVerdict, Limiter, MemoryLimiter, RateLimit};
+use super::{LimitError, LimitRequest, LimitVerdict, Limiter, MemoryLimiter, RateLimit, UsageCharge, WallClock};
 use crate::boxed::BoxFuture;
 use crate::connection::RedisConnection;
 use crate::outage::Outage;
 use batch::Decision;
 use lease::{Leases, Take};
+use scripts::{script, Script};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -79,6 +80,8 @@ struct Shared {
     spent: Mutex<HashMap<Box<str>, u128>>,
     /// Redis failing while the local fallback decides, logged as state changes.
     outage: Outage,
+    /// The time refills are decided by.
+    clock: WallClock,
 }
 
 /// Why Redis gave no decision (then the fallback decides).
@@ -138,6 +141,7 @@ impl RedisLimiter {
             payer: AtomicBool::new(false),
             spent: Mutex::default(),
             outage: Outage::new("Redis (rate limits)", "each instance decides its share of the limits locally"),
+            clock: WallClock::system(),
         };
         Self { shared: Arc::new(shared) }
     }
@@ -181,6 +185,17 @@ impl RedisLimiter {
         self
     }
 
+    /// Decides refill periods by `clock` (default: the system's). Each instance decides by its
+    /// own clock and Redis keeps the latest period any has seen, so an allowance refills once per
+    /// period, at the earliest instance's boundary.
+    #[must_use]
+    pub fn clock(mut self, clock: WallClock) -> Self {
+        let shared = self.shared_mut();
+        shared.local = std::mem::take(&mut shared.local).clock(clock.clone());
+        shared.clock = clock;
+        self
+    }
+
     /// How many decisions were made by the fallback.
     #[must_use]
     pub fn fallbacks(&self) -> u64 {
@@ -192,13 +207,50 @@ impl RedisLimiter {
     }
 }
 
+/// Where a key's counters are: under its own id, or with its identity's (one hash tag, so one
+/// script decides both on a Cluster).
+#[derive(Clone, Copy)]
+pub(super) struct Owner<'a> {
+    pub(super) key_id: &'a str,
+    pub(super) identity: Option<&'a str>,
+}
+
 impl Shared {
-    fn counter(&self, key_id: &str, l: &RateLimit) -> String {
-        format!("{}:{{{key_id}}}:rl:{}:{}:{}", self.prefix, l.name(), l.limit(), l.window().as_millis())
+    /// The prefix of a key's own counters.
+    fn key_part(&self, owner: Owner<'_>) -> String {
+        match owner.identity {
+            None => format!("{}:{{{}}}", self.prefix, owner.key_id),
+            Some(identity) => format!("{}:{{{identity}}}:k:{}", self.prefix, owner.key_id),
+        }
     }
 
-    fn usage_key(&self, key_id: &str) -> String {
-        format!("{}:{{{key_id}}}:usage", self.prefix)
+    /// A key's counter for `l`.
+    fn counter(&self, owner: Owner<'_>, l: &RateLimit) -> String {
+        format!("{}:rl:{}:{}:{}", self.key_part(owner), l.name(), l.limit(), l.window().as_millis())
+    }
+
+    /// An identity's counter for `l`'s name and window (not its size: see `same_counter`).
+    fn identity_counter(&self, identity: &str, l: &RateLimit) -> String {
+        format!("{}:{{{identity}}}:id:rl:{}:{}", self.prefix, l.name(), l.window().as_millis())
+    }
+
+    fn usage_key(&self, owner: Owner<'_>) -> String {
+        format!("{}:usage", self.key_part(owner))
+    }
+
+    fn identity_usage_key(&self, identity: &str) -> String {
+        format!("{}:{{{identity}}}:id:usage", self.prefix)
+    }
+
+    /// The usage hashes a request charges and their refill periods now: the key's, then its
+    /// identity's.
+    fn usage_hashes(&self, key_id: &str, request: &LimitRequest<'_>) -> Vec<(String, UsageCharge, u64)> {
+        let owner = Owner { key_id, identity: request.identity.map(|i| i.id) };
+        // The clock is read only for an allowance that refills.
+        let period = |u: &UsageCharge| u.refill.map_or(0, |r| r.period_start(self.clock.now()));
+        let mine = request.usage.map(|u| (self.usage_key(owner), u, period(&u)));
+        let theirs = request.identity.and_then(|i| Some((self.identity_usage_key(i.id), i.usage?)));
+        mine.into_iter().chain(theirs.map(|(key, u)| (key, u, period(&u)))).collect()
     }
 
     fn ttl_ms(&self) -> u64 {
@@ -209,7 +261,7 @@ impl Shared {
     async fn decide(self: Arc<Self>, decision: Decision) -> Result<LimitVerdict, LimitError> {
         let started = std::time::Instant::now();
         let leased = match &self.leases {
-            Some(leases) if decision.usage.is_none() => {
+            Some(leases) if decision.usage.is_empty() && decision.identity.is_none() => {
                 self.decide_from_leases(leases, &decision.key_id, &decision.limits).await
             }
             _ => Ok(None),
@@ -226,17 +278,15 @@ impl Shared {
                 self.outage.recovered();
                 Ok(verdict)
             }
-            Err(no_answer) => {
-                let request = LimitRequest { limits: &decision.limits, usage: decision.usage };
-                self.fall_back(&decision.key_id, &request, no_answer.why())
-            }
+            Err(no_answer) => self.fall_back(&decision, no_answer.why()),
         }
     }
 }
 
 impl Limiter for RedisLimiter {
     fn check_now(&self, key_id: &str, request: &LimitRequest<'_>) -> Option<LimitVerdict> {
-        let leases = self.shared.leases.as_ref().filter(|_| request.usage.is_none())?;
+        // Usage and identities are decided by Redis, exactly; rate limits of a key alone, from leases.
+        let leases = self.shared.leases.as_ref().filter(|_| request.usage.is_none() && request.identity.is_none())?;
         let limits = super::distinct(request.limits);
         match leases.take(key_id, &limits) {
             Take::Taken(states, ahead) => {
@@ -255,24 +305,42 @@ impl Limiter for RedisLimiter {
         let limits = super::distinct(request.limits);
         // Only where a limit repeats are the states given back per entry asked (rare: a copy then).
         let asked = (limits.len() != request.limits.len()).then(|| (request.limits.to_vec(), limits.to_vec()));
-        let decision = Decision { key_id: key_id.into(), limits: limits.into_owned(), usage: request.usage };
+        let decision = Decision {
+            key_id: key_id.into(),
+            identity: request.identity.map(|i| i.id.into()),
+            limits: limits.into_owned(),
+            shared: request.identity.map(|i| super::distinct_counters(i.limits).into_owned()).unwrap_or_default(),
+            usage: shared.usage_hashes(key_id, request),
+            request_usage: [request.usage, request.identity.and_then(|i| i.usage)],
+        };
         Box::pin(async move {
             let verdict = shared.decide(decision).await?;
-            Ok(verdict.map(|states| match &asked {
-                Some((asked, distinct)) => super::per_entry(asked, distinct, states),
+            Ok(verdict.map(|mut states| match &asked {
+                Some((asked, distinct)) => {
+                    let theirs = states.split_off(distinct.len());
+                    let mut states = super::per_entry(asked, distinct, states);
+                    states.extend(theirs);
+                    states
+                }
                 None => states,
             }))
         })
     }
 
-    fn charge(&self, key_id: &str, amount: u64) {
-        let (shared, key) = (self.shared.clone(), self.shared.usage_key(key_id));
+    fn charge(&self, key_id: &str, request: &LimitRequest<'_>) {
+        let usage = self.shared.usage_hashes(key_id, request);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        if usage.is_empty() {
+            return;
+        }
+        let shared = self.shared.clone();
         runtime.spawn(async move {
-            let mut conn = shared.conn.clone();
-            let added: redis::RedisResult<i64> =
-                redis::cmd("HINCRBY").arg(&key).arg("local").arg(amount).query_async(&mut conn).await;
-            if let Err(error) = added {
+            let mut invocation = script(Script::Reconcile).prepare_invoke();
+            invocation.arg(0);
+            for (key, charge, period) in &usage {
+                invocation.key(key).arg(charge.amount).arg(*period);
+            }
+            if let Err(error) = shared.conn.write::<i64>(&invocation).await {
                 tracing::warn!(%error, "keygate: could not count usage in Redis");
             }
         });
@@ -378,7 +446,7 @@ mod parity {
                             model[j] = Some(window::take(open, limits[j].window().as_millis(), *cost, now));
                         }
                     }
-                    let lua = limiter.check("key", &LimitRequest { limits: &request, usage: None }).await.unwrap();
+                    let lua = limiter.check("key", &LimitRequest { limits: &request, usage: None, identity: None }).await.unwrap();
                     match (lua, refused) {
                         (Ok(states), None) => {
                             for (state, check) in states.iter().zip(&checks) {
