@@ -140,8 +140,11 @@ fn single_header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Result<Option
 /// The token of a `Bearer` credential, or `None` for another scheme.
 fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     let value = trim(value);
-    let (scheme, rest) = value.split_at(value.len().min(6));
-    if !scheme.eq_ignore_ascii_case(b"bearer") {
+    let (scheme, rest) = value.split_first_chunk::<6>()?;
+    // Case-insensitive as one comparison: setting bit 5 lowercases an ASCII letter, and only `B`
+    // and `b` become `b` (and so on for each letter of "bearer"), so nothing else compares equal.
+    let word = |b: [u8; 6]| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], 0, 0]);
+    if word(*scheme) | word([0x20; 6]) != word(*b"bearer") {
         return None;
     }
     match rest.first() {
@@ -216,6 +219,19 @@ mod tests {
     fn bearer_scheme_is_case_insensitive_and_trimmed() {
         for v in ["Bearer k1", "bearer k1", "BEARER   k1  ", "\tBearer\tk1"] {
             assert_eq!(run(|b| b.header("authorization", v)).unwrap().as_deref(), Some("k1"), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn the_scheme_matches_exactly_the_case_variants_of_bearer() {
+        // Bytewise independent, so every byte at every position covers every input.
+        for i in 0..6 {
+            for b in 0..=255u8 {
+                let mut value = *b"bearer k";
+                value[i] = b;
+                let expected = b.eq_ignore_ascii_case(&b"bearer"[i]);
+                assert_eq!(bearer_token(&value).is_some(), expected, "byte {b:#x} at {i}");
+            }
         }
     }
 

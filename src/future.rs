@@ -1,6 +1,5 @@
 //! [`ResponseFuture`]: the inner service's future, a ready rejection, or a verification in flight.
 
-use crate::body::ResponseBody;
 use crate::boxed::BoxFuture;
 use crate::gate::{Gate, Passed};
 use crate::limit::RateLimitHeaders;
@@ -67,12 +66,13 @@ impl<S: Service<Request<ReqB>>, ReqB> ResponseFuture<S, ReqB> {
 impl<S, ReqB, ResB> Future for ResponseFuture<S, ReqB>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: From<Bytes>,
 {
-    type Output = Result<Response<ResponseBody<ResB>>, S::Error>;
+    type Output = Result<Response<ResB>, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let _entered = this.span.enter();
+        let _entered = (!this.span.is_disabled()).then(|| this.span.enter());
         loop {
             let next = match this.state.as_mut().project() {
                 StateProj::Called { future, headers } => {
@@ -80,11 +80,11 @@ where
                     if let Some(headers) = headers.take() {
                         headers.insert_into(res.headers_mut());
                     }
-                    return Poll::Ready(Ok(res.map(ResponseBody::new)));
+                    return Poll::Ready(Ok(res));
                 }
                 StateProj::Rejected { response } => {
                     let response = response.take().expect("ResponseFuture polled after completion");
-                    return Poll::Ready(Ok(response.map(ResponseBody::rejection)));
+                    return Poll::Ready(Ok(response.map(ResB::from)));
                 }
                 StateProj::Verifying { verdict, waiting, gate } => {
                     let verdict = ready!(verdict.as_mut().poll(cx));

@@ -6,7 +6,6 @@
 )]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-mod body;
 mod boxed;
 #[cfg(feature = "oneloop")]
 pub mod breaker;
@@ -38,7 +37,6 @@ pub mod store;
 pub mod usage;
 pub mod verify;
 
-pub use body::ResponseBody;
 pub use boxed::BoxFuture;
 pub use build_error::{BuildError, KEY_LEN_CEILING};
 #[cfg(feature = "redis")]

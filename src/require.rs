@@ -1,11 +1,11 @@
 //! Per-route scope annotations: a small layer that checks the [`VerifiedKey`] the gate put in the
 //! request's extensions.
 
-use crate::body::ResponseBody;
 use crate::context::{refuse_after_gate, Gated, VerifiedKey};
 use crate::future::ResponseFuture;
 use crate::reject::Rejection;
 use crate::scope::{Action, RequiredScope};
+use bytes::Bytes;
 use http::{Request, Response};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -80,8 +80,9 @@ impl RequireLayer {
 impl<S, ReqB, ResB> Service<Request<ReqB>> for RequireService<S>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: From<Bytes>,
 {
-    type Response = Response<ResponseBody<ResB>>;
+    type Response = Response<ResB>;
     type Error = S::Error;
     type Future = ResponseFuture<S, ReqB>;
 

@@ -1,8 +1,8 @@
 //! [`ApiKeyService`]: the `Service` the layer wraps around yours.
 
-use crate::body::ResponseBody;
 use crate::future::ResponseFuture;
 use crate::gate::{Admission, Gate};
+use bytes::Bytes;
 use http::{Request, Response};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -29,8 +29,9 @@ impl<S> ApiKeyService<S> {
 impl<S, ReqB, ResB> Service<Request<ReqB>> for ApiKeyService<S>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>> + Clone,
+    ResB: From<Bytes>,
 {
-    type Response = Response<ResponseBody<ResB>>;
+    type Response = Response<ResB>;
     type Error = S::Error;
     type Future = ResponseFuture<S, ReqB>;
 
@@ -44,7 +45,10 @@ where
             Admission::Pass((key, headers)) => {
                 self.gate.hand_over(&mut req, key);
                 // The inner service runs inside the gate's span, so its events carry the verdict.
-                let future = span.in_scope(|| self.inner.call(req));
+                // A span nobody records is skipped outright: entering even a disabled one costs a
+                // check of `log`'s level per request.
+                let future =
+                    if span.is_disabled() { self.inner.call(req) } else { span.in_scope(|| self.inner.call(req)) };
                 ResponseFuture::called(future, headers, span)
             }
             Admission::Reject(rejection) => ResponseFuture::rejected(self.gate.respond(&rejection)),
