@@ -44,7 +44,14 @@ impl OwnRedis {
     /// Starts one on `port` with more arguments (`--maxmemory-policy`, `--cluster-enabled`, …).
     pub(crate) fn start_with(port: u16, extra: &[&str]) -> Self {
         let port_arg = port.to_string();
+        // A replica saves what a full sync sends it into `dir` even with `--save ""`: keep it out of
+        // the working directory (a `dump.rdb` was once committed from there).
+        // One file per server, so two replicas never load each other's.
+        let dir = std::env::temp_dir();
+        let dir = dir.to_str().expect("a UTF-8 temp dir");
+        let file = format!("keygate-{}-{port}.rdb", std::process::id());
         let mut args = vec!["--port", &port_arg, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
+        args.extend(["--dir", dir, "--dbfilename", &file]);
         args.extend_from_slice(extra);
         Self::spawn(port, Command::new("redis-server").args(&args))
     }
