@@ -5,6 +5,10 @@
 //! exits: `valgrind --tool=callgrind --collect-atstart=no --toggle-collect='*profile_requests*'`
 //! then counts the instructions of exactly those requests.
 //!
+//! With `LOAD=n` it instead runs `n` warm requests in process, 64 at a time (what makes the Redis
+//! limiter batch), and prints how long they took: with the process's and Redis's CPU time (e.g.
+//! `/usr/bin/time`, `INFO commandstats`) this gives each side's cost per decision without HTTP.
+//!
 //! With `METRICS=prometheus` (and keygate's `metrics` feature) a Prometheus recorder is installed
 //! first, so the cost of counting is in the figures.
 
@@ -38,6 +42,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         Ok::<_, Box<dyn std::error::Error>>(app)
     })?;
+    if let Some(n) = std::env::var("LOAD").ok().and_then(|n| n.parse::<usize>().ok()) {
+        let took = load(&rt, &app, &keys, n, status);
+        println!("{variant}: {n} requests in {took:?}");
+        return Ok(());
+    }
     if let Some(n) = std::env::var("PROFILE").ok().and_then(|n| n.parse::<usize>().ok()) {
         profile_requests(&rt, &app, &keys, n, status);
         println!("{variant}: {n} requests done");
@@ -54,6 +63,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 async fn call(app: &Router, key: &str) -> u16 {
     let req = http::Request::get("/v1/items").header("authorization", format!("Bearer {key}")).body(Body::empty());
     app.clone().oneshot(req.expect("valid request")).await.expect("infallible").status().as_u16()
+}
+
+/// `n` requests cycling `keys`, 64 at a time, each checked to get `status`.
+fn load(rt: &tokio::runtime::Runtime, app: &Router, keys: &[String], n: usize, status: u16) -> std::time::Duration {
+    const AT_ONCE: usize = 64;
+    let started = std::time::Instant::now();
+    rt.block_on(async {
+        let tasks: Vec<_> = (0..AT_ONCE)
+            .map(|t| {
+                let (app, keys) = (app.clone(), keys.to_vec());
+                tokio::spawn(async move {
+                    for i in 0..n / AT_ONCE {
+                        assert_eq!(call(&app, &keys[(i * AT_ONCE + t) % keys.len()]).await, status);
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("no request panics");
+        }
+    });
+    started.elapsed()
 }
 
 /// `n` requests cycling `keys`, each checked to get `status`.

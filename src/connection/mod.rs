@@ -150,13 +150,14 @@ impl RedisConnection {
 
     /// Runs a script that writes, confirmed by replicas if [`wait_for_replicas`](Self::wait_for_replicas)
     /// asks for them; an unconfirmed write is an error (and the connection is replaced).
-    pub(crate) async fn write<T: redis::FromRedisValue>(
+    pub(crate) async fn write<'a, T: redis::FromRedisValue>(
         &self,
-        invocation: &redis::ScriptInvocation<'_>,
+        call: impl Into<ScriptCall<'a>>,
     ) -> redis::RedisResult<T> {
+        let call = call.into();
         let mut conn = self.clone();
         if self.link.settings().replicas == 0 || self.topology() == "cluster" {
-            return invocation.invoke_async(&mut conn).await;
+            return call.invoke(&mut conn).await;
         }
         #[cfg(feature = "redis-sentinel")]
         if self.link.recount_due() {
@@ -166,14 +167,15 @@ impl RedisConnection {
         }
         let required = self.link.required_replicas();
         if required == 0 {
-            return invocation.invoke_async(&mut conn).await;
+            return call.invoke(&mut conn).await;
         }
         let wait_ms = self.link.settings().replica_timeout.as_millis() as u64;
         let mut pipe = redis::pipe();
-        pipe.invoke_script(invocation).cmd("WAIT").arg(required).arg(wait_ms);
+        call.add_to(&mut pipe);
+        pipe.cmd("WAIT").arg(required).arg(wait_ms);
         let (value, confirmed): (T, u32) = match pipe.query_async(&mut conn).await {
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                invocation.load_async(&mut conn).await?;
+            Err(e) if is_no_script(&e) => {
+                call.load(&mut conn).await?;
                 pipe.query_async(&mut conn).await?
             }
             other => other?,
@@ -239,6 +241,61 @@ impl ConnectionLike for RedisConnection {
 
     fn get_db(&self) -> i64 {
         0
+    }
+}
+
+/// A script to run: a [`redis::ScriptInvocation`], or an `EVALSHA` command built whole (its keys
+/// and arguments written into one buffer, which a large batch needs) with the script it names.
+/// Either way a Redis that does not have the script yet (`NOSCRIPT`) is sent it, and the call
+/// is made again.
+pub(crate) enum ScriptCall<'a> {
+    Invocation(&'a redis::ScriptInvocation<'a>),
+    Eval(&'a redis::Script, &'a Cmd),
+}
+
+impl<'a> From<&'a redis::ScriptInvocation<'a>> for ScriptCall<'a> {
+    fn from(invocation: &'a redis::ScriptInvocation<'a>) -> Self {
+        Self::Invocation(invocation)
+    }
+}
+
+/// An `EVALSHA` of `script` with `keys` keys, to which the caller adds the keys, then the arguments.
+pub(crate) fn evalsha(script: &redis::Script, keys: usize) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(keys);
+    cmd
+}
+
+fn is_no_script(error: &redis::RedisError) -> bool {
+    error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
+
+impl ScriptCall<'_> {
+    async fn invoke<T: redis::FromRedisValue>(&self, conn: &mut RedisConnection) -> redis::RedisResult<T> {
+        match self {
+            Self::Invocation(invocation) => invocation.invoke_async(conn).await,
+            Self::Eval(script, cmd) => match cmd.query_async(conn).await {
+                Err(e) if is_no_script(&e) => {
+                    script.load_async(conn).await?;
+                    cmd.query_async(conn).await
+                }
+                other => other,
+            },
+        }
+    }
+
+    fn add_to(&self, pipe: &mut Pipeline) {
+        match self {
+            Self::Invocation(invocation) => drop(pipe.invoke_script(invocation)),
+            Self::Eval(_, cmd) => drop(pipe.add_command((*cmd).clone())),
+        }
+    }
+
+    async fn load(&self, conn: &mut RedisConnection) -> redis::RedisResult<String> {
+        match self {
+            Self::Invocation(invocation) => invocation.load_async(conn).await,
+            Self::Eval(script, _) => script.load_async(conn).await,
+        }
     }
 }
 

@@ -8,8 +8,10 @@
 //! before its batch is sent is left out of it; one that gives up after is cancelled by its entry
 //! in the batch's record, exactly as before batching.
 
+use super::msgpack::{self, Numbers};
 use super::scripts::{script, Script};
-use super::{NoAnswer, Owner, Shared};
+use super::{Counter, NoAnswer, Owner, Shared};
+use crate::connection::{evalsha, ScriptCall};
 use crate::limit::{Denied, LimitState, LimitVerdict, RateLimit, Refusal, UsageCharge};
 use crate::lock::lock;
 use std::sync::atomic::Ordering;
@@ -47,10 +49,18 @@ impl Decision {
     }
 
     /// Its counters, in the order of its limits: the key's, then the identity's.
-    pub(super) fn counters<'d>(&'d self, shared: &'d Shared) -> impl Iterator<Item = String> + 'd {
-        let mine = self.limits.iter().map(move |(l, _)| shared.counter(self.owner(), l));
-        let theirs = self.shared.iter().map(move |(l, _)| shared.identity_counter(self.tag(), l));
+    pub(super) fn counters<'d>(&'d self, shared: &'d Shared) -> impl Iterator<Item = Counter<'d>> + 'd {
+        let prefix = shared.prefix.as_str();
+        let mine = self.limits.iter().map(move |(limit, _)| Counter::Key { prefix, owner: self.owner(), limit });
+        let theirs =
+            self.shared.iter().map(move |(limit, _)| Counter::Identity { prefix, identity: self.tag(), limit });
         mine.chain(theirs)
+    }
+
+    /// How many keys and numbers its part of a `DECIDE` call has.
+    fn size(&self) -> (usize, usize) {
+        let limits = self.limits.len() + self.shared.len();
+        (limits + self.usage.len(), 2 + 3 * limits + 4 * self.usage.len())
     }
 
     /// Its limits, the key's then the identity's.
@@ -177,37 +187,51 @@ impl Shared {
     }
 
     async fn decide_batch(&self, record: &str, batch: &[Pending]) -> redis::RedisResult<Vec<Answer>> {
-        let mut invocation = script(Script::Decide).prepare_invoke();
-        invocation.key(record).arg(self.ttl_ms());
+        // One command buffer for the whole batch: counter names are written into it, not built.
+        let (keys, numbers) = batch.iter().map(|p| p.decision.size()).fold((1, 0), |(k, n), (dk, dn)| (k + dk, n + dn));
+        let decide = script(Script::Decide);
+        let mut cmd = evalsha(decide, keys);
+        cmd.arg(record);
+        let mut args = Numbers::with_capacity(numbers);
         for Pending { decision: d, .. } in batch {
             for counter in d.counters(self) {
-                invocation.key(counter);
+                redis::RedisWrite::write_arg_fmt(&mut cmd, counter);
             }
             for (key, _, _) in &d.usage {
-                invocation.key(key);
+                cmd.arg(key);
             }
-            invocation.arg(d.limits.len() + d.shared.len()).arg(d.usage.len());
+            args.push((d.limits.len() + d.shared.len()) as u64);
+            args.push(d.usage.len() as u64);
             for (limit, cost) in d.all_limits() {
-                invocation.arg(limit.limit()).arg(window_ms(limit)).arg(*cost);
+                args.push(limit.limit());
+                args.push(window_ms(limit));
+                args.push(*cost);
             }
             for (_, u, period) in &d.usage {
-                invocation.arg(lua_number(u.allowed)).arg(lua_number(u.reported)).arg(u.amount).arg(*period);
+                args.push(lua_number(u.allowed));
+                args.push(lua_number(u.reported));
+                args.push(u.amount);
+                args.push(*period);
             }
         }
-        let reply: String = self.conn.write(&invocation).await?;
-        let mut entries = reply.split(';');
+        cmd.arg(self.ttl_ms()).arg(args.finish());
+        let reply: Vec<u8> = self.conn.write(ScriptCall::Eval(decide, &cmd)).await?;
+        let numbers = msgpack::integers(&reply).ok_or_else(|| unexpected(&reply))?;
+        let mut rest = &numbers[..];
         let mut answers = Vec::with_capacity(batch.len());
-        let mut numbers = Vec::new();
         for p in batch {
-            let entry = entries.next().ok_or_else(|| unexpected(&reply))?;
-            numbers.clear();
-            for n in entry.split(',') {
-                numbers.push(n.parse::<i64>().map_err(|_| unexpected(&reply))?);
-            }
-            answers.push(self.verdict(&p.decision, &numbers)?);
+            let d = &p.decision;
+            // An admitted entry: 1, m, m amounts spent, then two numbers per limit; else four.
+            let len = match rest {
+                [1, ..] => 2 + d.usage.len() + 2 * (d.limits.len() + d.shared.len()),
+                _ => 4,
+            };
+            let (entry, next) = rest.split_at_checked(len).ok_or_else(|| unexpected(&numbers))?;
+            answers.push(self.verdict(d, entry)?);
+            rest = next;
         }
-        if entries.next().is_some() {
-            return Err(unexpected(&reply));
+        if !rest.is_empty() {
+            return Err(unexpected(&numbers));
         }
         Ok(answers)
     }
@@ -248,7 +272,7 @@ impl Shared {
     async fn cancel(self: Arc<Self>, d: Arc<Decision>, record: Arc<str>, entry: u32) {
         let mut invocation = script(Script::Cancel).prepare_invoke();
         for counter in d.counters(&self) {
-            invocation.key(counter);
+            invocation.key(counter.to_string());
         }
         for (key, _, _) in &d.usage {
             invocation.key(key);

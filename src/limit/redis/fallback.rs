@@ -88,6 +88,7 @@ impl Shared {
                 None => debts.entry(d.tag().into()).or_default(),
             };
             for (counter, (_, cost)) in d.counters(self).zip(d.all_limits()) {
+                let counter = counter.to_string();
                 match debt.counters.iter_mut().find(|(c, _)| *c == counter) {
                     Some((_, owed)) => *owed = owed.saturating_add(*cost),
                     None => debt.counters.push((counter, *cost)),

@@ -7,6 +7,7 @@
 mod batch;
 mod fallback;
 mod lease;
+mod msgpack;
 mod scripts;
 
 use super::{LimitError, LimitRequest, LimitVerdict, Limiter, MemoryLimiter, RateLimit, UsageCharge, WallClock};
@@ -215,27 +216,49 @@ pub(super) struct Owner<'a> {
     pub(super) identity: Option<&'a str>,
 }
 
-impl Shared {
-    /// The prefix of a key's own counters.
-    fn key_part(&self, owner: Owner<'_>) -> String {
-        match owner.identity {
-            None => format!("{}:{{{}}}", self.prefix, owner.key_id),
-            Some(identity) => format!("{}:{{{identity}}}:k:{}", self.prefix, owner.key_id),
+/// A limit's counter: its key name, written straight into the command that needs it (a batch
+/// names hundreds) rather than built as a `String` first.
+pub(super) enum Counter<'a> {
+    /// A key's own counter for a limit (name, size and window: a changed limit is a new counter).
+    Key { prefix: &'a str, owner: Owner<'a>, limit: &'a RateLimit },
+    /// An identity's counter for a limit's name and window (not its size: see `same_counter`).
+    Identity { prefix: &'a str, identity: &'a str, limit: &'a RateLimit },
+}
+
+/// The part of a key's names before what they count: its id in a hash tag, or under its identity's.
+struct KeyPart<'a>(&'a str, Owner<'a>);
+
+impl std::fmt::Display for KeyPart<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (prefix, Owner { key_id, identity }) = (self.0, self.1);
+        match identity {
+            None => write!(f, "{prefix}:{{{key_id}}}"),
+            Some(identity) => write!(f, "{prefix}:{{{identity}}}:k:{key_id}"),
         }
     }
+}
 
+impl std::fmt::Display for Counter<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Self::Key { prefix, owner, limit: l } => {
+                write!(f, "{}:rl:{}:{}:{}", KeyPart(prefix, owner), l.name(), l.limit(), l.window().as_millis())
+            }
+            Self::Identity { prefix, identity, limit: l } => {
+                write!(f, "{prefix}:{{{identity}}}:id:rl:{}:{}", l.name(), l.window().as_millis())
+            }
+        }
+    }
+}
+
+impl Shared {
     /// A key's counter for `l`.
     fn counter(&self, owner: Owner<'_>, l: &RateLimit) -> String {
-        format!("{}:rl:{}:{}:{}", self.key_part(owner), l.name(), l.limit(), l.window().as_millis())
-    }
-
-    /// An identity's counter for `l`'s name and window (not its size: see `same_counter`).
-    fn identity_counter(&self, identity: &str, l: &RateLimit) -> String {
-        format!("{}:{{{identity}}}:id:rl:{}:{}", self.prefix, l.name(), l.window().as_millis())
+        Counter::Key { prefix: &self.prefix, owner, limit: l }.to_string()
     }
 
     fn usage_key(&self, owner: Owner<'_>) -> String {
-        format!("{}:usage", self.key_part(owner))
+        format!("{}:usage", KeyPart(&self.prefix, owner))
     }
 
     fn identity_usage_key(&self, identity: &str) -> String {
