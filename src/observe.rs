@@ -181,8 +181,25 @@ mod on {
         metrics::gauge!(USAGE_UNSENT_AT_SHUTDOWN).set(units as f64);
     }
 
-    pub(crate) fn redis_limiter(outcome: &'static str, took: Duration) {
-        metrics::histogram!(REDIS_DURATION, "outcome" => outcome).record(took.as_secs_f64());
+    /// The Redis limiter's decision timings by outcome, registered on first use like a route's
+    /// decisions (a histogram with a label, looked up per decision, cost an allocation each).
+    #[derive(Default)]
+    pub(crate) struct RedisLimiterTimings {
+        by_outcome: [std::sync::OnceLock<metrics::Histogram>; 3],
+    }
+
+    impl RedisLimiterTimings {
+        /// Records a decision that ended in `outcome` (`ok`, `timeout`, `error`).
+        pub(crate) fn record(&self, outcome: &'static str, took: Duration) {
+            let register = || metrics::histogram!(REDIS_DURATION, "outcome" => outcome);
+            let histogram = match outcome {
+                "ok" => self.by_outcome[0].get_or_init(register),
+                "timeout" => self.by_outcome[1].get_or_init(register),
+                "error" => self.by_outcome[2].get_or_init(register),
+                _ => return register().record(took.as_secs_f64()),
+            };
+            histogram.record(took.as_secs_f64());
+        }
     }
 
     pub(crate) fn limiter_fallback(fallback: &'static str) {
@@ -239,8 +256,13 @@ mod on {
     pub(crate) fn usage(_: &'static str, _: u64) {}
     #[inline(always)]
     pub(crate) fn unsent_at_shutdown(_: u64) {}
-    #[inline(always)]
-    pub(crate) fn redis_limiter(_: &'static str, _: Duration) {}
+    #[derive(Default)]
+    pub(crate) struct RedisLimiterTimings;
+
+    impl RedisLimiterTimings {
+        #[inline(always)]
+        pub(crate) fn record(&self, _: &'static str, _: Duration) {}
+    }
     #[inline(always)]
     pub(crate) fn limiter_fallback(_: &'static str) {}
     #[inline(always)]

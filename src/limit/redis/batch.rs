@@ -36,9 +36,24 @@ pub(super) struct Decision {
     pub(super) usage: Vec<(String, UsageCharge, u64)>,
     /// The usage asked of the key and of its identity, for the fallback.
     pub(super) request_usage: [Option<UsageCharge>; 2],
+    /// Where it is on its way to Redis (here, not in an allocation of its own: the decision is
+    /// shared with the batch anyway).
+    ticket: Mutex<Ticket>,
 }
 
 impl Decision {
+    pub(super) fn new(
+        key_id: &str,
+        identity: Option<&str>,
+        limits: Vec<(RateLimit, u64)>,
+        shared: Vec<(RateLimit, u64)>,
+        usage: Vec<(String, UsageCharge, u64)>,
+        request_usage: [Option<UsageCharge>; 2],
+    ) -> Self {
+        let (key_id, identity, ticket) = (key_id.into(), identity.map(Into::into), Mutex::new(Ticket::Queued));
+        Self { key_id, identity, limits, shared, usage, request_usage, ticket }
+    }
+
     pub(super) fn owner(&self) -> Owner<'_> {
         Owner { key_id: &self.key_id, identity: self.identity.as_deref() }
     }
@@ -84,7 +99,6 @@ enum Ticket {
 /// A decision waiting for its batch.
 pub(super) struct Pending {
     decision: Arc<Decision>,
-    ticket: Arc<Mutex<Ticket>>,
     reply: oneshot::Sender<Answer>,
 }
 
@@ -99,16 +113,15 @@ impl Shared {
     /// Redis's exact decision, or why there is none (then the fallback decides). Whatever Redis
     /// may have counted for a decision given up on is taken back.
     pub(super) async fn decide_exact(self: &Arc<Self>, decision: Arc<Decision>) -> Result<LimitVerdict, NoAnswer> {
-        let ticket = Arc::new(Mutex::new(Ticket::Queued));
         let (reply, answer) = oneshot::channel();
-        self.enqueue(Pending { decision: decision.clone(), ticket: ticket.clone(), reply });
+        self.enqueue(Pending { decision: decision.clone(), reply });
         let no_answer = match tokio::time::timeout(self.timeout, answer).await {
             Ok(Ok(Ok(verdict))) => return Ok(verdict),
             Ok(Ok(Err(no_answer))) => no_answer,
             Ok(Err(_)) | Err(_) => NoAnswer::Timeout(self.timeout),
         };
         // The script may run late, or may have run and lost its answer: take it back.
-        let ticket = std::mem::replace(&mut *lock(&ticket), Ticket::Abandoned);
+        let ticket = std::mem::replace(&mut *lock(&decision.ticket), Ticket::Abandoned);
         if let Ticket::Sent { record, entry } = ticket {
             tokio::spawn(self.clone().cancel(decision, record, entry));
         }
@@ -155,7 +168,7 @@ impl Shared {
             format!("{}:{{{}}}:op:{:x}.{id:x}", self.prefix, batch[0].decision.tag(), self.instance).into();
         let mut sent = Vec::with_capacity(batch.len());
         for p in batch {
-            let mut ticket = lock(&p.ticket);
+            let mut ticket = lock(&p.decision.ticket);
             if matches!(*ticket, Ticket::Queued) {
                 *ticket = Ticket::Sent { record: record.clone(), entry: sent.len() as u32 + 1 };
                 drop(ticket);

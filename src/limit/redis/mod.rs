@@ -83,6 +83,7 @@ struct Shared {
     outage: Outage,
     /// The time refills are decided by.
     clock: WallClock,
+    timings: crate::observe::RedisLimiterTimings,
 }
 
 /// Why Redis gave no decision (then the fallback decides).
@@ -143,6 +144,7 @@ impl RedisLimiter {
             spent: Mutex::default(),
             outage: Outage::new("Redis (rate limits)", "each instance decides its share of the limits locally"),
             clock: WallClock::system(),
+            timings: Default::default(),
         };
         Self { shared: Arc::new(shared) }
     }
@@ -295,7 +297,7 @@ impl Shared {
             Ok(None) => self.decide_exact(decision.clone()).await,
             Err(why) => Err(why),
         };
-        crate::observe::redis_limiter(answer.as_ref().map_or_else(NoAnswer::outcome, |_| "ok"), started.elapsed());
+        self.timings.record(answer.as_ref().map_or_else(NoAnswer::outcome, |_| "ok"), started.elapsed());
         match answer {
             Ok(verdict) => {
                 self.outage.recovered();
@@ -328,14 +330,14 @@ impl Limiter for RedisLimiter {
         let limits = super::distinct(request.limits);
         // Only where a limit repeats are the states given back per entry asked (rare: a copy then).
         let asked = (limits.len() != request.limits.len()).then(|| (request.limits.to_vec(), limits.to_vec()));
-        let decision = Decision {
-            key_id: key_id.into(),
-            identity: request.identity.map(|i| i.id.into()),
-            limits: limits.into_owned(),
-            shared: request.identity.map(|i| super::distinct_counters(i.limits).into_owned()).unwrap_or_default(),
-            usage: shared.usage_hashes(key_id, request),
-            request_usage: [request.usage, request.identity.and_then(|i| i.usage)],
-        };
+        let decision = Decision::new(
+            key_id,
+            request.identity.map(|i| i.id),
+            limits.into_owned(),
+            request.identity.map(|i| super::distinct_counters(i.limits).into_owned()).unwrap_or_default(),
+            shared.usage_hashes(key_id, request),
+            [request.usage, request.identity.and_then(|i| i.usage)],
+        );
         Box::pin(async move {
             let verdict = shared.decide(decision).await?;
             Ok(verdict.map(|mut states| match &asked {
