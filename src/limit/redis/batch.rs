@@ -72,10 +72,9 @@ impl Decision {
         mine.chain(theirs)
     }
 
-    /// How many keys and numbers its part of a `DECIDE` call has.
-    fn size(&self) -> (usize, usize) {
-        let limits = self.limits.len() + self.shared.len();
-        (limits + self.usage.len(), 2 + 3 * limits + 4 * self.usage.len())
+    /// How many keys its part of a `DECIDE` call names (a command states its keys before them).
+    fn keys(&self) -> usize {
+        self.limits.len() + self.shared.len() + self.usage.len()
     }
 
     /// Its limits, the key's then the identity's.
@@ -201,11 +200,11 @@ impl Shared {
 
     async fn decide_batch(&self, record: &str, batch: &[Pending]) -> redis::RedisResult<Vec<Answer>> {
         // One command buffer for the whole batch: counter names are written into it, not built.
-        let (keys, numbers) = batch.iter().map(|p| p.decision.size()).fold((1, 0), |(k, n), (dk, dn)| (k + dk, n + dn));
         let decide = script(Script::Decide);
-        let mut cmd = evalsha(decide, keys);
+        let mut cmd = evalsha(decide, 1 + batch.iter().map(|p| p.decision.keys()).sum::<usize>());
         cmd.arg(record);
-        let mut args = Numbers::with_capacity(numbers);
+        // A request with one limit and no usage: 5 numbers.
+        let mut args = Numbers::with_capacity(5 * batch.len());
         for Pending { decision: d, .. } in batch {
             for counter in d.counters(self) {
                 redis::RedisWrite::write_arg_fmt(&mut cmd, counter);
