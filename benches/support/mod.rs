@@ -202,6 +202,10 @@ pub(crate) fn oneloop(addr: SocketAddr) -> OneloopVerifier {
     OneloopVerifier::builder("ws_bench").base_url(format!("http://{addr}")).timeout(timeout).build().unwrap()
 }
 
+fn floor_work(builder: keygate::ApiKeyLayerBuilder) -> keygate::ApiKeyLayerBuilder {
+    builder.sources([keygate::KeySource::Bearer]).hide_credentials(false)
+}
+
 fn limited(builder: keygate::ApiKeyLayerBuilder) -> keygate::ApiKeyLayerBuilder {
     builder.rate_limit(RateLimit::new("default", RateLimit::MAX_LIMIT, std::time::Duration::from_secs(3600)).unwrap())
 }
@@ -222,6 +226,8 @@ pub(crate) async fn variants(oneloop_addr: SocketAddr) -> Vec<(&'static str, Rou
         ("hand_service", router().layer(HandLayer(Arc::new(hand_map())))),
         ("tower_governor", governed(router())),
         ("keygate_local", router().layer(gate(ApiKeyLayer::builder(local.clone())))),
+        // The floor's work and no more: `Bearer` only, the key left in the request.
+        ("keygate_local_floor_work", router().layer(gate(floor_work(ApiKeyLayer::builder(local.clone()))))),
         ("keygate_local_limit", router().layer(gate(off(limited(ApiKeyLayer::builder(local.clone())))))),
         ("keygate_local_limit_headers", router().layer(gate(limited(ApiKeyLayer::builder(local.clone()))))),
         ("keygate_oneloop_warm", router().layer(gate(ApiKeyLayer::builder(remote.clone())))),

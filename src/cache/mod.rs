@@ -85,6 +85,9 @@ impl CacheConfig {
     }
 }
 
+/// Held by value in moka (not behind an `Arc` of its own: one allocation and its header fewer per
+/// key); a hit clones it, which costs what cloning an `Arc` did.
+#[derive(Clone)]
 struct Entry {
     answer: Answer,
     /// The key's digest, to take it out of the digest index when the entry goes.
@@ -97,6 +100,7 @@ struct Entry {
 }
 
 /// A [`Verification`] as the cache keeps it: the rare rate-limit state boxed.
+#[derive(Clone)]
 struct Answer {
     status: KeyStatus,
     facts: Option<Arc<crate::facts::KeyFacts>>,
@@ -108,10 +112,9 @@ impl Answer {
         Self { status: v.status, facts: v.facts.clone(), rate_limit: v.rate_limit.map(Box::new) }
     }
 
-    fn to_verification(&self, stale: bool) -> Verification {
+    fn into_verification(self, stale: bool) -> Verification {
         let mut v = Verification::invalid();
-        (v.status, v.facts, v.rate_limit, v.stale) =
-            (self.status, self.facts.clone(), self.rate_limit.as_deref().copied(), stale);
+        (v.status, v.facts, v.rate_limit, v.stale) = (self.status, self.facts, self.rate_limit.map(|r| *r), stale);
         v
     }
 }
@@ -131,7 +134,7 @@ struct Shared<V> {
     verifier: V,
     /// What entries' times count from.
     base: Instant,
-    cache: Cache<Fingerprint, Arc<Entry>>,
+    cache: Cache<Fingerprint, Entry>,
     /// Which entry holds a digest, for revocations that arrive as digests: entries are added
     /// before they enter the cache and removed when they leave it (moka's eviction listener), so
     /// every cached key is found here. Touched on misses and revocations only, never on a hit.
@@ -159,7 +162,7 @@ impl<V: Verifier> CachedVerifier<V> {
         let cache = Cache::builder()
             .max_capacity(config.max_entries)
             .time_to_live((config.positive_ttl + config.max_stale).max(config.negative_ttl))
-            .eviction_listener(move |fingerprint: Arc<Fingerprint>, entry: Arc<Entry>, cause| {
+            .eviction_listener(move |fingerprint: Arc<Fingerprint>, entry: Entry, cause| {
                 // A replaced entry's successor has the same key and digest: keep its index entry.
                 if cause != moka::notification::RemovalCause::Replaced {
                     let mut index = crate::lock::lock(&index);
@@ -262,15 +265,15 @@ impl<V: Verifier> Shared<V> {
 
     fn fresh(&self, fingerprint: &Fingerprint) -> Option<Verification> {
         let entry = self.cache.get(fingerprint)?;
-        (self.at(Instant::now()) < entry.fresh_until).then(|| entry.answer.to_verification(false))
+        (self.at(Instant::now()) < entry.fresh_until).then(|| entry.answer.into_verification(false))
     }
 
     /// A `VALID` answer past its TTL but inside `max_stale` and the key's expiry.
     fn stale(&self, fingerprint: &Fingerprint) -> Option<Verification> {
         let entry = self.cache.get(fingerprint)?;
-        let answer = Some(&entry.answer).filter(|a| a.status == KeyStatus::Valid)?;
+        let answer = Some(entry.answer).filter(|a| a.status == KeyStatus::Valid)?;
         let expired = answer.facts.as_ref().is_some_and(|f| f.is_expired_at(SystemTime::now()));
-        (!expired && self.at(Instant::now()) < entry.keep_until).then(|| answer.to_verification(true))
+        (!expired && self.at(Instant::now()) < entry.keep_until).then(|| answer.into_verification(true))
     }
 
     /// `(fresh_until, keep_until)` for an answer, or `None` if it must not be cached.
@@ -306,13 +309,13 @@ impl<V: Verifier> Shared<V> {
         self.cache.entry(fingerprint).and_compute_with(|current| match (current, lifetimes) {
             (Some(e), _) if e.value().started > self.at(started) => Op::Nop,
             (_, None) => Op::Remove,
-            (_, Some((fresh_until, keep_until))) => Op::Put(Arc::new(Entry {
+            (_, Some((fresh_until, keep_until))) => Op::Put(Entry {
                 answer: Answer::of(answer),
                 digest,
                 started: self.at(started),
                 fresh_until: self.at(fresh_until),
                 keep_until: self.at(keep_until),
-            })),
+            }),
         });
     }
 
