@@ -136,7 +136,11 @@ impl std::str::FromStr for KeyDigest {
 
 #[doc = include_str!("../docs/fingerprint.md")]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Fingerprint(u128);
+pub struct Fingerprint(
+    // Two words, not a `u128`: 8-byte aligned, so a table slot of a fingerprint and a pointer is
+    // 24 bytes, not 32.
+    [u64; 2],
+);
 
 impl Fingerprint {
     /// The fingerprint of a raw key.
@@ -152,13 +156,14 @@ impl Fingerprint {
         });
         let mut hasher = siphasher::sip128::SipHasher13::new_with_keys(k0, k1);
         hasher.write(key.as_bytes());
-        Self(hasher.finish128().as_u128())
+        let hash = hasher.finish128();
+        Self([hash.h1, hash.h2])
     }
 }
 
 impl fmt::Debug for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Fingerprint({:08x}…)", (self.0 >> 96) as u32)
+        write!(f, "Fingerprint({:08x}…)", (self.0[1] >> 32) as u32)
     }
 }
 

@@ -174,6 +174,76 @@ async fn the_memory_store_keeps_the_contract() {
     contract(Arc::new(MemoryStore::new())).await;
 }
 
+/// An admin's step, or a request with one of the secrets issued so far.
+#[derive(Debug, Clone)]
+enum Step {
+    Create(usize),
+    Disable(usize),
+    Enable(usize),
+    Delete(usize),
+    /// Rotate, the old secret kept for an hour or dropped at once.
+    Rotate(usize, bool),
+    Present(usize),
+}
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    let id = 0..3usize;
+    prop_oneof![
+        id.clone().prop_map(Step::Create),
+        id.clone().prop_map(Step::Disable),
+        id.clone().prop_map(Step::Enable),
+        id.clone().prop_map(Step::Delete),
+        (id, any::<bool>()).prop_map(|(i, keep)| Step::Rotate(i, keep)),
+        (0..12usize).prop_map(Step::Present),
+    ]
+}
+
+/// What a verification says, to compare two of them.
+fn said(v: &keygate::verify::Verification) -> (KeyStatus, Option<(String, Option<SystemTime>)>) {
+    (v.status, v.facts.as_ref().map(|f| (f.id.clone(), f.grace_ends)))
+}
+
+proptest::proptest! {
+    /// The memory store answers a presented key from its fingerprint index, which holds records
+    /// shared with the digest table and retires them as they are replaced. Whatever admins do,
+    /// that warm answer is the record's answer by digest, for every secret ever issued.
+    #[test]
+    fn the_memory_stores_warm_answer_is_its_record(steps in proptest::collection::vec(step(), 1..60)) {
+        use keygate::verify::{Verifier, VerifyRequest};
+        use keygate::{ApiKey, PresentedKey};
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(async {
+            let admin = LocalVerifier::in_memory();
+            let mut secrets: Vec<ApiKey> = vec![ApiKey::new("kg_never_issued")];
+            for step in steps {
+                let id = |i: usize| format!("k{i}");
+                // Steps on keys that do not exist fail as they should; only what they change matters.
+                let _ = match step {
+                    Step::Create(i) => admin.create(KeyFacts::new(id(i))).await.map(|c| secrets.push(c.key)),
+                    Step::Disable(i) => admin.disable(&id(i)).await,
+                    Step::Enable(i) => admin.enable(&id(i)).await,
+                    Step::Delete(i) => admin.delete(&id(i)).await,
+                    Step::Rotate(i, keep) => {
+                        let grace = if keep { Duration::from_secs(3600) } else { Duration::ZERO };
+                        admin.rotate(&id(i), grace).await.map(|k| secrets.push(k))
+                    }
+                    Step::Present(i) => {
+                        let secret = &secrets[i % secrets.len()];
+                        admin.verify_now(&PresentedKey::new(secret.expose_secret()));
+                        Ok(())
+                    }
+                };
+                for secret in &secrets {
+                    let warm = admin.verify_now(&PresentedKey::new(secret.expose_secret())).expect("in memory");
+                    let by_digest = admin.verify(VerifyRequest::new(secret.clone())).await.unwrap();
+                    assert_eq!(said(&warm), said(&by_digest));
+                }
+            }
+        });
+    }
+}
+
 #[test]
 fn the_key_file_keeps_the_read_only_part_of_the_contract() {
     let text = r#"
