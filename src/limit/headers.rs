@@ -164,7 +164,9 @@ mod tests {
     #[test]
     fn decimals_match_std_formatting() {
         let powers = (0..20).map(|e| 10_u64.pow(e)).flat_map(|p| [p - 1, p, p + 1]);
-        for n in (0..=1_000).chain(powers).chain([u64::MAX, u64::MAX - 1]) {
+        // And 100 000 numbers of every width (a multiplicative sequence, shifted to each width).
+        let spread = (1..100_000_u64).map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (i % 64));
+        for n in (0..=1_000).chain(powers).chain([u64::MAX, u64::MAX - 1]).chain(spread) {
             let mut stack = Stack::default();
             stack.push_decimal(n);
             assert_eq!(stack.bytes(), Some(n.to_string().as_bytes()), "{n}");
