@@ -69,7 +69,7 @@ impl fmt::Debug for Redacted<'_> {
 }
 
 #[doc = include_str!("../docs/key_digest.md")]
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct KeyDigest([u8; 32]);
 
 impl KeyDigest {
@@ -89,6 +89,21 @@ impl KeyDigest {
     #[must_use]
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
         Self(bytes)
+    }
+
+    /// The digest's first 8 bytes: uniformly random, as all of SHA-256's output is, so they index
+    /// a table without hashing again; distinct keys share them with odds of 1 in 2^64 per pair.
+    pub(crate) fn prefix(&self) -> u64 {
+        let [a, b, c, d, e, f, g, h, ..] = self.0;
+        u64::from_le_bytes([a, b, c, d, e, f, g, h])
+    }
+}
+
+/// Hashed as its first 8 bytes, one word: SHA-256 output is uniform, so the rest adds nothing a
+/// table can use, and keygate's tables keyed by digests take that word as it is.
+impl std::hash::Hash for KeyDigest {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.prefix());
     }
 }
 
@@ -214,8 +229,8 @@ impl fmt::Debug for PresentedKey<'_> {
     }
 }
 
-/// A `Hasher` for keys that are uniform already (fingerprints, SHA-256 digests): it takes their
-/// first 8 bytes instead of hashing them again.
+/// A `Hasher` for keys that are uniform already (fingerprints, SHA-256 digests, which hash as one
+/// word): it takes that word instead of hashing it again.
 #[derive(Default, Clone, Copy)]
 pub(crate) struct PassThrough(u64);
 
@@ -225,9 +240,9 @@ impl std::hash::Hasher for PassThrough {
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        // Digests hash as a length prefix and then their bytes: keep the first 8 of the longest.
-        if bytes.len() >= 8 {
-            self.0 = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+        // Not used by the keys above; any other key is folded in, a byte at a time.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
         }
     }
 

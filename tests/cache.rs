@@ -106,3 +106,62 @@ async fn absurd_durations_are_clamped_not_a_panic() {
     assert_eq!(cache.verify(request("k")).await.unwrap().status, KeyStatus::Valid);
     assert!(cache.verify_now(&PresentedKey::new("k")).is_some());
 }
+
+/// Answers every key `VALID` at once, after noting which call (by count) has started.
+#[derive(Default, Clone)]
+struct Announcing {
+    started: Arc<AtomicUsize>,
+}
+
+impl Verifier for Announcing {
+    fn verify(&self, _: VerifyRequest) -> BoxFuture<'static, Result<Verification, VerifyError>> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { Ok(Verification::new(KeyStatus::Valid, Arc::new(KeyFacts::new("k")))) })
+    }
+}
+
+/// A revocation made while an answer is on its way into the cache (the call started before it)
+/// must never leave that answer cached, whichever way the two interleave: by raw key, by digest,
+/// or all keys at once. Two threads race it over many keys, one revocation per call.
+#[test]
+fn a_revocation_racing_an_answer_into_the_cache_always_wins() {
+    const ROUNDS: usize = 20_000;
+    let verifier = Announcing::default();
+    let cache = CachedVerifier::new(verifier.clone(), CacheConfig::default());
+    let key = |i: usize| format!("race-{i}");
+    let revoked = Arc::new(AtomicUsize::new(0));
+    let revoker = std::thread::spawn({
+        let (cache, started, revoked) = (cache.clone(), verifier.started.clone(), revoked.clone());
+        move || {
+            for i in 0..ROUNDS {
+                while started.load(Ordering::SeqCst) <= i {
+                    std::hint::spin_loop();
+                }
+                match i % 3 {
+                    0 => cache.invalidate(&key(i)),
+                    1 => cache.invalidate_digest(&keygate::KeyDigest::of(&key(i))),
+                    _ => cache.invalidate_all(),
+                }
+                revoked.store(i + 1, Ordering::SeqCst);
+            }
+        }
+    });
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let mut served = Vec::new();
+    for i in 0..ROUNDS {
+        rt.block_on(cache.verify(request(&key(i)))).unwrap();
+        while revoked.load(Ordering::SeqCst) <= i {
+            std::hint::spin_loop();
+        }
+        if cache.verify_now(&PresentedKey::new(&key(i))).is_some() {
+            served.push(i);
+        }
+    }
+    revoker.join().unwrap();
+    let by_kind: Vec<usize> = (0..3).map(|k| served.iter().filter(|i| *i % 3 == k).count()).collect();
+    assert!(
+        served.is_empty(),
+        "{} of {ROUNDS} revoked answers left cached (by key, digest, all: {by_kind:?})",
+        served.len()
+    );
+}

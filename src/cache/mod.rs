@@ -13,20 +13,26 @@
 //!   that produced the entry in place, and after the key's last invalidation; so a slow, older
 //!   `VALID` never overwrites a newer refusal or a revocation.
 //!
-//! Memory: an entry holds the digest (32 B), moka's per-entry bookkeeping, and an `Arc` of the
-//! key's facts (about 200 B plus its strings); see the README's benchmark table for measured figures.
+//! - **Revocations win.** A revocation and an answer on its way into the cache are serialized (the
+//!   index's lock), so an answer from a call started before a revocation is never left cached.
+//!
+//! Memory: an entry holds moka's per-entry bookkeeping, an 8-byte digest prefix for the digest
+//! index, and an `Arc` of the key's facts (about 230 B plus its strings); see the README's
+//! benchmark table for measured figures.
 
 mod flight;
+mod index;
 
 use crate::boxed::BoxFuture;
 use crate::key::{Fingerprint, KeyDigest, PresentedKey};
 use crate::observe::{CacheLookups, Lookup};
 use crate::verify::{KeyStatus, Verification, Verifier, VerifyError, VerifyRequest};
 use flight::Flights;
+use index::DigestIndex;
 use moka::ops::compute::Op;
 use moka::sync::Cache;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 #[doc = include_str!("../../docs/cache_config.md")]
@@ -90,8 +96,8 @@ impl CacheConfig {
 #[derive(Clone)]
 struct Entry {
     answer: Answer,
-    /// The key's digest, to take it out of the digest index when the entry goes.
-    digest: KeyDigest,
+    /// The key's digest's prefix, to take it out of the digest index when the entry goes.
+    prefix: u64,
     /// When the upstream call that produced this entry started, and until when the entry is fresh
     /// and may be kept; in nanoseconds since the cache was made (8 bytes, not an `Instant`'s 16).
     started: u64,
@@ -135,10 +141,15 @@ struct Shared<V> {
     /// What entries' times count from.
     base: Instant,
     cache: Cache<Fingerprint, Entry>,
-    /// Which entry holds a digest, for revocations that arrive as digests: entries are added
-    /// before they enter the cache and removed when they leave it (moka's eviction listener), so
-    /// every cached key is found here. Touched on misses and revocations only, never on a hit.
-    by_digest: Arc<std::sync::Mutex<std::collections::HashMap<KeyDigest, Fingerprint>>>,
+    /// Which entries may hold a digest, for revocations that arrive as digests. Its lock is held
+    /// across every change that must not interleave with another: an answer stored (checked
+    /// against revocations, indexed, put), a revocation (recorded, entries dropped). Taken on
+    /// misses and revocations only, never on a hit.
+    index: Mutex<DigestIndex>,
+    /// Entries that left the cache, as `(prefix, fingerprint)`, for the index to forget on its
+    /// next use: moka's eviction listener runs inside cache operations made under the index's
+    /// lock, so it may not take that lock itself.
+    evicted: Arc<Mutex<Vec<(u64, Fingerprint)>>>,
     /// When recently invalidated keys were invalidated: answers from calls started before that are
     /// not stored.
     invalidated: Cache<KeyDigest, Instant>,
@@ -157,18 +168,15 @@ impl<V: Verifier> CachedVerifier<V> {
     pub fn new(verifier: V, config: CacheConfig) -> Self {
         // One TTL for the whole cache (an entry's own freshness and stale window are checked on
         // read): moka then keeps no per-entry timer, which is most of its per-entry memory.
-        let by_digest: Arc<std::sync::Mutex<std::collections::HashMap<KeyDigest, Fingerprint>>> = Arc::default();
-        let index = by_digest.clone();
+        let evicted: Arc<Mutex<Vec<(u64, Fingerprint)>>> = Arc::default();
+        let listener = evicted.clone();
         let cache = Cache::builder()
             .max_capacity(config.max_entries)
             .time_to_live((config.positive_ttl + config.max_stale).max(config.negative_ttl))
             .eviction_listener(move |fingerprint: Arc<Fingerprint>, entry: Entry, cause| {
                 // A replaced entry's successor has the same key and digest: keep its index entry.
                 if cause != moka::notification::RemovalCause::Replaced {
-                    let mut index = crate::lock::lock(&index);
-                    if index.get(&entry.digest) == Some(&*fingerprint) {
-                        index.remove(&entry.digest);
-                    }
+                    crate::lock::lock(&listener).push((entry.prefix, *fingerprint));
                 }
             })
             .build();
@@ -182,7 +190,8 @@ impl<V: Verifier> CachedVerifier<V> {
             verifier,
             base: Instant::now(),
             cache,
-            by_digest,
+            index: Mutex::default(),
+            evicted,
             invalidated,
             flights,
             generation,
@@ -197,6 +206,7 @@ impl<V: Verifier> CachedVerifier<V> {
     /// call already in flight is not stored.
     pub fn invalidate(&self, key: &str) {
         let fingerprint = Fingerprint::of(key);
+        let _serialized = self.shared.index();
         self.shared.invalidated.insert(KeyDigest::of(key), Instant::now());
         self.shared.cache.invalidate(&fingerprint);
         // Requests from now on must not join a call that started before the revocation.
@@ -208,9 +218,9 @@ impl<V: Verifier> CachedVerifier<V> {
     /// already in flight for the key may still answer the requests that joined it, but its answer
     /// is not stored.
     pub fn invalidate_digest(&self, digest: &KeyDigest) {
+        let index = self.shared.index();
         self.shared.invalidated.insert(*digest, Instant::now());
-        let fingerprint = crate::lock::lock(&self.shared.by_digest).get(digest).copied();
-        if let Some(fingerprint) = fingerprint {
+        for fingerprint in index.holders(digest.prefix()) {
             self.shared.cache.invalidate(&fingerprint);
             self.shared.flights.forget(&fingerprint);
         }
@@ -230,6 +240,7 @@ impl<V: Verifier> CachedVerifier<V> {
 
     /// Forgets everything.
     pub fn invalidate_all(&self) {
+        let _serialized = self.shared.index();
         self.shared.generation.fetch_add(1, Ordering::SeqCst);
         self.shared.cache.invalidate_all();
     }
@@ -243,6 +254,7 @@ impl<V: Verifier> CachedVerifier<V> {
     /// Runs moka's pending maintenance (evictions, expirations) now.
     pub fn run_pending_tasks(&self) {
         self.shared.cache.run_pending_tasks();
+        drop(self.shared.index());
     }
 
     /// How many keys have an upstream call in flight.
@@ -259,6 +271,19 @@ impl<V: Verifier> CachedVerifier<V> {
 }
 
 impl<V: Verifier> Shared<V> {
+    /// The digest index, locked, having forgotten the entries that left the cache since its last
+    /// use (those whose fingerprint holds no entry now: a successor stored since keeps its place).
+    fn index(&self) -> MutexGuard<'_, DigestIndex> {
+        let mut index = crate::lock::lock(&self.index);
+        let evicted = std::mem::take(&mut *crate::lock::lock(&self.evicted));
+        for (prefix, fingerprint) in evicted {
+            if !self.cache.contains_key(&fingerprint) {
+                index.remove(prefix, &fingerprint);
+            }
+        }
+        index
+    }
+
     fn at(&self, t: Instant) -> u64 {
         t.saturating_duration_since(self.base).as_nanos().min(u64::MAX as u128) as u64
     }
@@ -298,20 +323,23 @@ impl<V: Verifier> Shared<V> {
 
     fn store(&self, key: (Fingerprint, KeyDigest), answer: &Verification, started: Instant, generation: u64) {
         let (fingerprint, digest) = key;
+        let lifetimes = self.lifetimes(answer, Instant::now());
+        // Held until the answer is in the cache: a revocation comes wholly before (and is seen
+        // here) or wholly after (and finds the entry through the index).
+        let mut index = self.index();
         let revoked_since = self.invalidated.get(&digest).is_some_and(|at| at >= started);
         if revoked_since || self.generation.load(Ordering::SeqCst) != generation {
             return;
         }
-        let lifetimes = self.lifetimes(answer, Instant::now());
         if lifetimes.is_some() {
-            crate::lock::lock(&self.by_digest).insert(digest, fingerprint);
+            index.insert(digest.prefix(), fingerprint);
         }
         self.cache.entry(fingerprint).and_compute_with(|current| match (current, lifetimes) {
             (Some(e), _) if e.value().started > self.at(started) => Op::Nop,
             (_, None) => Op::Remove,
             (_, Some((fresh_until, keep_until))) => Op::Put(Entry {
                 answer: Answer::of(answer),
-                digest,
+                prefix: digest.prefix(),
                 started: self.at(started),
                 fresh_until: self.at(fresh_until),
                 keep_until: self.at(keep_until),
@@ -371,5 +399,40 @@ impl<V> std::fmt::Debug for CachedVerifier<V> {
             .field("config", &self.shared.config)
             .field("entries", &self.shared.cache.entry_count())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct AllValid;
+
+    impl Verifier for AllValid {
+        fn verify(&self, _: VerifyRequest) -> BoxFuture<'static, Result<Verification, VerifyError>> {
+            let facts = Arc::new(crate::facts::KeyFacts::new("k"));
+            Box::pin(async move { Ok(Verification::new(KeyStatus::Valid, facts)) })
+        }
+    }
+
+    /// Entries evicted for room, invalidated or dropped all at once leave the index on its next
+    /// use: it never holds more than the cache does.
+    #[tokio::test]
+    async fn the_index_forgets_entries_that_leave_the_cache() {
+        let cache = CachedVerifier::new(AllValid, CacheConfig::default().max_entries(100));
+        let request = |i: usize| VerifyRequest::new(crate::key::ApiKey::new(format!("key-{i}")));
+        for i in 0..1_000 {
+            cache.verify(request(i)).await.unwrap();
+        }
+        cache.run_pending_tasks();
+        let indexed = cache.shared.index().len() as u64;
+        assert!(indexed <= 110 && indexed == cache.entry_count(), "{indexed} indexed, {} cached", cache.entry_count());
+        cache.invalidate("key-999");
+        cache.invalidate_digest(&KeyDigest::of("key-998"));
+        cache.run_pending_tasks();
+        assert_eq!(cache.shared.index().len() as u64, cache.entry_count());
+        cache.invalidate_all();
+        cache.run_pending_tasks();
+        assert_eq!((cache.shared.index().len(), cache.entry_count()), (0, 0));
     }
 }
