@@ -116,6 +116,18 @@ async fn until_refused(app: &Router, key: &str, limit: Duration) -> Duration {
     panic!("the key still passed after {limit:?}");
 }
 
+/// Disables `id` right after every connection was killed, as an operator would: once more if the
+/// first try fails. A command handed to the redis crate at the instant its connection's driver
+/// stops (the server closed the socket) is neither written nor failed until a timeout: strace
+/// showed no write and no error, in about 1 run in 10 of the latency test below. The store then
+/// answers an error, never a false success, and its next command reconnects at once.
+async fn disable_after_a_kill(admin: &LocalVerifier, id: &str) {
+    if let Err(first) = admin.disable(id).await {
+        println!("disable right after the kill failed ({first}); tried again");
+        admin.disable(id).await.unwrap();
+    }
+}
+
 /// The listener's connection is killed and the key disabled in the gap: with pub/sub the message
 /// was lost and the key kept working for the cache's lifetime; from the stream it is read on
 /// reconnection, and the key is refused within 1 s.
@@ -130,7 +142,7 @@ async fn a_revocation_sent_while_the_listener_reconnects_is_not_lost() {
 
     // Every connection but the admin's goes (the admin reconnects too: a new connection).
     own.cli(&["CLIENT", "KILL", "TYPE", "normal"]);
-    admin.disable("k").await.unwrap();
+    disable_after_a_kill(&admin, "k").await;
     let took = until_refused(&app, &key, Duration::from_secs(1)).await;
     println!("revocation latency after a killed listener connection: {took:?}");
 }
@@ -241,8 +253,8 @@ async fn revocation_latency_percentiles_healthy_and_after_a_kill() {
             if kill {
                 own.cli(&["CLIENT", "KILL", "TYPE", "normal"]);
             }
-            let started = Instant::now();
-            admin.disable(&id).await.unwrap();
+            let started = Instant::now(); // a second try, if one is needed, counts in the latency
+            disable_after_a_kill(&admin, &id).await;
             until_refused(&app, &key, Duration::from_secs(1)).await;
             samples.push(started.elapsed());
         }
