@@ -95,7 +95,10 @@ pub(crate) fn start_on(listener: TcpListener, token: &'static str) -> Arc<UsageS
 }
 
 /// One request: the head (lower-cased header names) and the body.
-async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, HashMap<String, String>, Vec<u8>)> {
+pub(crate) async fn read_request(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Option<(String, HashMap<String, String>, Vec<u8>)> {
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).into_owned();
@@ -127,7 +130,7 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(Stri
     }
 }
 
-async fn answer(stream: &mut TcpStream, status: u16, body: &str) -> std::io::Result<()> {
+pub(crate) async fn answer(stream: &mut TcpStream, status: u16, body: &str) -> std::io::Result<()> {
     let head = format!(
         "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
